@@ -1,0 +1,217 @@
+"""Pieces every training stage shares: model settings, parameter groups, run directory, metrics,
+checkpoints and the final Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from thinkvl.config import ConfigError, save_config
+from thinkvl.models.load import Loaded
+from thinkvl.train import distributed as D
+
+log = logging.getLogger("thinkvl")
+
+PART_NAMES = ("vision", "projector", "lm")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how each part of it trains."""
+
+    path: str = "tiny"  # `tiny` (built in), a local folder, or a hub id already in the HF cache
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype
+    trust_remote_code: bool = False  # run code shipped with a checkpoint (off unless you trust it)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
+    freeze_vision: bool = False  # vision encoder frozen
+    freeze_projector: bool = False  # vision-to-text MLP projector frozen
+    freeze_lm: bool = False  # language model frozen
+    lr_mult_vision: float = 1.0  # learning-rate multiplier of the vision encoder
+    lr_mult_projector: float = 1.0  # of the projector
+    lr_mult_lm: float = 1.0  # of the language model
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass to save memory
+    seed: int = 0  # initialisation seed of the built-in tiny model
+
+    def check(self, prefix: str) -> None:
+        for part in PART_NAMES:
+            if getattr(self, f"lr_mult_{part}") < 0:
+                raise ConfigError(f"{prefix}.lr_mult_{part}: must be >= 0")
+
+
+def part_of(param_name: str) -> str:
+    """vision | projector | lm, from a parameter's name (Kimi, Qwen-VL, LLaVA-style layouts)."""
+    n = param_name
+    if any(k in n for k in ("mm_projector", "multi_modal_projector", "visual.merger", "connector")):
+        return "projector"
+    if any(k in n for k in ("vision_tower", "visual.", "vision_model", "vision_encoder")):
+        return "vision"
+    return "lm"
+
+
+def param_groups(model: torch.nn.Module, cfg: ModelConfig, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups by model part; frozen parts get requires_grad=False and no group."""
+    groups: dict[str, list] = {p: [] for p in PART_NAMES}
+    for name, p in model.named_parameters():
+        part = part_of(name)
+        if getattr(cfg, f"freeze_{part}"):
+            p.requires_grad_(False)
+        elif p.requires_grad:
+            groups[part].append(p)
+    out = []
+    for part, params in groups.items():
+        if params:
+            mult = getattr(cfg, f"lr_mult_{part}")
+            out.append({"params": params, "lr": lr * mult, "lr_mult": mult, "name": part,
+                        "weight_decay": weight_decay})
+    if not out:
+        raise ConfigError("model: every part is frozen; nothing to train")
+    return out
+
+
+def set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
+    for g in optim.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+class RunDir:
+    """A run directory: config.yaml, metrics.jsonl, train.log, checkpoints/, final/."""
+
+    def __init__(self, out_dir: str | Path, d: D.Dist):
+        self.path = Path(out_dir)
+        self.d = d
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.ckpt_dir = self.path / "checkpoints"
+        self.final_dir = self.path / "final"
+        self._backends: list = []
+        if d.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.path / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+    def save_config(self, cfg) -> None:
+        if self.d.main:
+            save_config(cfg, self.path / "config.yaml")
+
+    def add_backend(self, kind: str) -> None:
+        """Extra metric sinks: tensorboard (needs the package), wandb / trackio (need package + login)."""
+        if not self.d.main or kind == "none":
+            return
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            w = SummaryWriter(str(self.path / "tb"))
+            self._backends.append(lambda m, step: [w.add_scalar(k, v, step) for k, v in m.items()
+                                                   if isinstance(v, (int, float))])
+        elif kind in ("wandb", "trackio"):
+            mod = __import__(kind)
+            mod.init(project="thinkvl", name=self.path.name, dir=str(self.path))
+            self._backends.append(lambda m, step: mod.log(m, step=step))
+        else:
+            raise ConfigError(f"logging.backend: {kind!r} unknown; choose none, tensorboard, wandb or trackio")
+
+    def log_metrics(self, metrics: dict) -> None:
+        if not self.d.main:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for b in self._backends:
+            b(metrics, metrics.get("step", 0))
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop metric lines logged after the checkpoint so the curve has no duplicates."""
+        if not self.d.main or not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        if not self.ckpt_dir.exists():
+            return None
+        steps = sorted((int(p.name.split("-")[1]), p) for p in self.ckpt_dir.glob("step-*")
+                       if (p / "state.json").exists())
+        return steps[-1][1] if steps else None
+
+    def save_checkpoint(self, step: int, model, optim, state: dict, keep: int = 2) -> None:
+        """Model, optimiser, trainer state (data position, sampler, RNG); written atomically."""
+        model_sd = D.full_state_dict(model, self.d)
+        optim_sd = D.optim_state(model, optim, self.d)
+        if self.d.main:
+            tmp = self.ckpt_dir / f".tmp-step-{step}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            torch.save(model_sd, tmp / "model.pt")
+            torch.save(optim_sd, tmp / "optim.pt")
+            state = dict(state, step=step, rng=rng_state())
+            torch.save(state, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step}))
+            final = self.ckpt_dir / f"step-{step}"
+            if final.exists():
+                import shutil
+
+                shutil.rmtree(final)
+            tmp.rename(final)
+            old = sorted((int(p.name.split("-")[1]), p) for p in self.ckpt_dir.glob("step-*"))[:-keep]
+            for _, p in old:
+                import shutil
+
+                shutil.rmtree(p)
+        D.barrier(self.d)
+
+    def load_checkpoint(self, path: Path, model, optim) -> dict:
+        D.load_full_state_dict(model, torch.load(path / "model.pt", weights_only=True), self.d)
+        D.load_optim_state(model, optim, torch.load(path / "optim.pt", weights_only=False), self.d)
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        set_rng_state(state["rng"])
+        return state
+
+    def export(self, loaded: Loaded, model) -> Path:
+        """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl."""
+        sd = D.full_state_dict(model, self.d)
+        if self.d.main:
+            loaded.model.save_pretrained(self.final_dir, state_dict=sd)
+            loaded.processor.save_pretrained(self.final_dir)
+        D.barrier(self.d)
+        return self.final_dir
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+
+
+class Timer:
+    """Times named phases of a step: `with timer("generate"): ...`; `timer.pop()` -> {name: s}."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = {f"time/{k}": round(v, 4) for k, v in self.times.items()}, {}
+        return out

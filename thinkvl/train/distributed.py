@@ -1,0 +1,111 @@
+"""One process or many: torchrun environment, FSDP2 sharding, and the few collectives we need.
+
+Under `torchrun` (WORLD_SIZE > 1) the process group is gloo on CPU and NCCL on CUDA, and the model is
+sharded with FSDP2 (`fully_shard`) layer by layer. Gradients are averaged across ranks by FSDP, so a
+loss meant to be a global sum over N tokens is scaled by world_size / N on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Initialise from torchrun's environment (or a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """FSDP2: shard each transformer block, then the root (no-op in one process)."""
+    if not d.enabled:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith(("DecoderLayer", "EncoderLayer", "Block")) and module is not model:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def all_reduce_sum(x: float | torch.Tensor, d: Dist) -> float:
+    if not d.enabled:
+        return float(x)
+    t = torch.as_tensor(x, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return float(t)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
+    """The unsharded model state (on CPU) on every rank."""
+    if not d.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist) -> None:
+    if not d.enabled:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:
+    if not d.enabled:
+        return optim.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, state: dict, d: Dist) -> None:
+    if not d.enabled:
+        optim.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
+
+
+def cleanup(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
