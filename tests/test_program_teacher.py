@@ -1,0 +1,128 @@
+"""The program teacher: right answers, the four behaviours, uncaught mistakes, determinism."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from thinkvl.data.synthetic import MAX_LEVEL, TASKS, VERIFIABLE_TASKS, make_problem
+from thinkvl.distill.program_teacher import ProgramTeacher, trace
+
+FORMAT = re.compile(r"<think>\n(.+)\n</think>\nThe answer is \\boxed\{([^{}]+)\}\.", re.DOTALL)
+# a chain of integer operations and its stated value, not part of a longer chain
+EQUATION = re.compile(r"(?<![\d+*-] )(?<!\d)(\d+(?: [+*-] \d+)+) = (\d+)")
+SHAPE_TASKS = ("count_color", "count_shape", "sum_colors")
+
+
+def records(task: str, per_level: int = 8, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [make_problem(task, level * 100 + i, rng, level=level)
+            for level in range(1, MAX_LEVEL + 1) for i in range(per_level)]
+
+
+def parse(text: str) -> tuple[str, str]:
+    m = FORMAT.fullmatch(text)
+    assert m, f"bad trace format:\n{text}"
+    return m.group(1), m.group(2)
+
+
+@pytest.mark.parametrize("task", VERIFIABLE_TASKS)
+def test_right_answers_and_format(task: str) -> None:
+    teacher = ProgramTeacher(seed=0, mistake_rate=0.5, wrong_rate=0.0, explore_rate=0.5)
+    for record in records(task):
+        for text in teacher.sample(record, 3):
+            think, answer = parse(text)
+            assert answer == record["answer"], text
+            assert think.startswith("Plan:") and "\nCheck:" in think
+            assert 25 <= len(text.split()) <= 170, len(text.split())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_wrong_rate_one_is_always_wrong(task: str) -> None:
+    teacher = ProgramTeacher(seed=1, mistake_rate=0.3, wrong_rate=1.0, explore_rate=0.3)
+    for record in records(task, per_level=6):
+        for text in teacher.sample(record, 2):
+            if task == "describe":
+                assert text.split("</think>\n")[1] != record["answer"]
+            else:
+                assert parse(text)[1] != record["answer"], text
+
+
+@pytest.mark.parametrize("task", VERIFIABLE_TASKS)
+def test_clean_traces_do_correct_arithmetic(task: str) -> None:
+    rng = random.Random(2)
+    for record in records(task, per_level=4):
+        for explore in (False, True):
+            text = trace(record, rng, explore=explore)
+            assert "Wait" not in text
+            assert ("Another way:" in text) == explore and ("Same result." in text) == explore
+            for lhs, rhs in EQUATION.findall(text):
+                assert eval(lhs) == int(rhs), (lhs, rhs, text)  # noqa: S307 - digits and + - *
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_mistakes_are_caught_and_repaired(task: str) -> None:
+    rng = random.Random(3)
+    for record in records(task, per_level=4):
+        text = trace(record, rng, mistake=True)
+        assert "Wait, " in text and "Let me " in text
+        final = text.split("</think>\n")[1]
+        expected = record["answer"] if task == "describe" else f"The answer is \\boxed{{{record['answer']}}}."
+        assert final == expected
+
+
+@pytest.mark.parametrize("task", SHAPE_TASKS + ("describe",))
+def test_traces_enumerate_the_scene_before_counting(task: str) -> None:
+    rng = random.Random(4)
+    for record in records(task, per_level=3):
+        text = trace(record, rng, mistake=rng.random() < 0.5)
+        listed: dict[int, str] = {}
+        for m in re.finditer(r"Row (\d+): ([^\n]*)\.\n|row (\d+) again: ([^\n]*)\.\n", text):
+            row, items = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            listed[int(row)] = items  # a repaired row replaces its first listing
+        objs = record["meta"]["objects"]
+        expected = {r + 1: ", ".join(f"{o['color']} {o['shape']}" for o in objs if o["row"] == r)
+                    or "nothing" for r in range(record["meta"]["grid"][0])}
+        assert listed == expected, text
+        if task != "describe":
+            assert text.index("Row 1:") < text.index("Counting")
+
+
+def test_reading_digits_before_adding() -> None:
+    rng = random.Random(5)
+    for record in records("digit_sum", per_level=3):
+        text = trace(record, rng)
+        digits = [str(d["digit"]) for d in record["meta"]["digits"]]
+        stated = re.search(r"The digits are ([\d, and]+)\.", text).group(1)
+        assert re.findall(r"\d", stated) == digits
+        assert text.index("The digits are") < text.index(" = ")
+
+
+def test_operator_precedence_in_arith_traces() -> None:
+    record = make_problem("arith", 0, random.Random(0), level=3)
+    record["meta"].update(operands=[3, 4, 2], operators=["+", "*"], expression="3 + 4 * 2")
+    record["answer"] = "11"
+    text = trace(record, random.Random(0))
+    assert text.index("4 * 2 = 8.") < text.index("3 + 8 = 11.")
+    assert parse(text)[1] == "11"
+
+
+def test_sampling_is_deterministic_and_varied() -> None:
+    record = make_problem("sum_colors", 1, random.Random(6), level=5)
+    a = ProgramTeacher(seed=0, mistake_rate=0.5, explore_rate=0.5).sample(record, 8)
+    b = ProgramTeacher(seed=0, mistake_rate=0.5, explore_rate=0.5).sample(record, 8)
+    c = ProgramTeacher(seed=1, mistake_rate=0.5, explore_rate=0.5).sample(record, 8)
+    assert a == b and a != c and len(set(a)) > 1
+    rates = ProgramTeacher(seed=0, mistake_rate=0.0, wrong_rate=0.0, explore_rate=0.0)
+    assert all("Wait" not in t and "Another way" not in t for t in rates.sample(record, 5))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        ProgramTeacher(mistake_rate=1.5)
+    record = make_problem("arith", 0, random.Random(0))
+    record["task"] = "unknown"
+    with pytest.raises(ValueError):
+        trace(record, random.Random(0))

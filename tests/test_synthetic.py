@@ -1,0 +1,313 @@
+"""Synthetic tasks: determinism, formats, and answers re-derived from the PNG pixels."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from thinkvl.data.synthetic import (
+    BACKGROUND,
+    CELL,
+    COLORS,
+    DIGIT_FONT,
+    GLYPH_OFFSET,
+    GLYPH_SCALE,
+    IMAGE_TASKS,
+    INK,
+    MAX_LEVEL,
+    TASKS,
+    TEXT_TASKS,
+    VERIFIABLE_TASKS,
+    make_problem,
+    render_scene,
+    short_response,
+    synth,
+    vocabulary_corpus,
+    write_split,
+)
+
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def question(record: dict) -> str:
+    content = record["messages"][0]["content"]
+    return content if isinstance(content, str) else content[-1]["text"]
+
+
+def image_path(jsonl: Path, record: dict) -> Path:
+    return jsonl.parent / record["messages"][0]["content"][0]["image"]
+
+
+# ----------------------------------------------------------------------------- pixel decoding
+# Independent of the generator's drawing code: colour from the cell's centre pixel, shape from
+# how much of the cell that colour fills (square > circle > triangle), digits by sampling the
+# centre of every glyph block.
+
+def decode_shapes(pixels: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> list[dict]:
+    rows, cols = pixels.shape[0] // CELL, pixels.shape[1] // CELL
+    found = []
+    for r in range(rows):
+        for c in range(cols):
+            cell = pixels[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+            centre = tuple(int(v) for v in cell[CELL // 2, CELL // 2])
+            if centre == BACKGROUND:
+                continue
+            names = [n for n, rgb in palette.items() if rgb == centre]
+            assert len(names) == 1, f"centre pixel {centre} of cell ({r},{c}) is not a palette colour"
+            fill = (cell == np.array(centre)).all(axis=-1).mean()
+            shape = "square" if fill > 0.65 else "circle" if fill > 0.45 else "triangle"
+            found.append({"row": r, "col": c, "color": names[0], "shape": shape})
+    return found
+
+
+def decode_digits(pixels: np.ndarray) -> list[dict]:
+    rows, cols = pixels.shape[0] // CELL, pixels.shape[1] // CELL
+    glyphs = {tuple(v): k for k, v in DIGIT_FONT.items()}
+    found = []
+    for r in range(rows):
+        for c in range(cols):
+            ox, oy = c * CELL + GLYPH_OFFSET[0], r * CELL + GLYPH_OFFSET[1]
+            bitmap = tuple(
+                "".join("#" if tuple(pixels[oy + gy * GLYPH_SCALE + 1, ox + gx * GLYPH_SCALE + 1]) == INK
+                        else " " for gx in range(5))
+                for gy in range(7))
+            if any("#" in line for line in bitmap):
+                assert bitmap in glyphs, f"unreadable glyph in cell ({r},{c})"
+                found.append({"row": r, "col": c, "digit": glyphs[bitmap]})
+    return found
+
+
+def load_pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def count_from_pixels(record: dict, objects: list[dict]) -> int:
+    """The answer to the record's question, computed from the decoded scene and question text."""
+    text = question(record)
+    if record["task"] == "count_color":
+        color = re.fullmatch(r"How many (\w+) shapes are there\?", text).group(1)
+        return sum(o["color"] == color for o in objects)
+    if record["task"] == "count_shape":
+        shape = re.fullmatch(r"How many (\w+)s are there\?", text).group(1)
+        return sum(o["shape"] == shape for o in objects)
+    a, b = re.fullmatch(r"How many (\w+) and (\w+) shapes are there in total\?", text).groups()
+    return sum(o["color"] in (a, b) for o in objects)
+
+
+# ----------------------------------------------------------------------------- word problems
+
+def solve_word(text: str) -> int:
+    """Re-solve a word problem from its text alone."""
+    value = int(re.search(r"has (\d+) ", text).group(1))
+    for m in re.finditer(r"(buys|finds|gets|gives|loses) (\d+)(?: (more|away|bags of (\d+)))?", text):
+        verb, n, tail, per = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        if per is not None:
+            value += n * int(per)
+        elif verb in ("gives", "loses"):
+            value -= n
+        else:
+            assert tail == "more"
+            value += n
+    return value
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("synth")
+    return synth(out, seed=0, n_sft=70, n_rl=60, n_eval=30)
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_task_lists() -> None:
+    assert set(IMAGE_TASKS) | set(TEXT_TASKS) == set(TASKS)
+    assert not set(IMAGE_TASKS) & set(TEXT_TASKS)
+    assert "describe" not in VERIFIABLE_TASKS and len(VERIFIABLE_TASKS) == len(TASKS) - 1
+
+
+def test_same_seed_gives_identical_bytes(tmp_path: Path, data: dict[str, Path]) -> None:
+    again = synth(tmp_path / "again", seed=0, n_sft=70, n_rl=60, n_eval=30)
+    for split in ("sft", "rl", "eval"):
+        assert again[split].read_bytes() == data[split].read_bytes(), split
+    first = sorted(p.name for p in (data["sft"].parent / "images").iterdir())
+    second = sorted(p.name for p in (tmp_path / "again" / "images").iterdir())
+    assert first == second and first
+    for name in first:
+        assert (data["sft"].parent / "images" / name).read_bytes() == \
+            (tmp_path / "again" / "images" / name).read_bytes(), name
+
+
+def test_different_seed_differs(tmp_path: Path, data: dict[str, Path]) -> None:
+    other = synth(tmp_path / "other", seed=1, n_sft=70, n_rl=60, n_eval=30)
+    for split in ("sft", "rl", "eval"):
+        assert other[split].read_bytes() != data[split].read_bytes(), split
+
+
+def test_splits_ids_and_roles(data: dict[str, Path]) -> None:
+    records = {split: read_jsonl(path) for split, path in data.items()}
+    assert [len(records[s]) for s in ("sft", "rl", "eval")] == [70, 60, 30]
+    ids = [r["id"] for rs in records.values() for r in rs]
+    assert len(ids) == len(set(ids))
+    assert {r["task"] for r in records["sft"]} == set(TASKS)
+    for split in ("rl", "eval"):
+        assert {r["task"] for r in records[split]} == set(VERIFIABLE_TASKS)
+        assert all([m["role"] for m in r["messages"]] == ["user"] for r in records[split])
+    # eval is held out: its problems are not the training problems under other ids
+    train_q = {json.dumps(r["meta"], sort_keys=True) for s in ("sft", "rl") for r in records[s]}
+    overlap = sum(json.dumps(r["meta"], sort_keys=True) in train_q for r in records["eval"])
+    assert overlap <= 3  # level-1 text problems can collide by chance, nothing more
+    for r in records["sft"]:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["user", "assistant"]
+        assert r["messages"][1]["content"] == short_response(r)
+        assert r["id"].startswith(r["task"] + "-")
+        assert 1 <= r["difficulty_level"] <= MAX_LEVEL
+
+
+def test_record_format(data: dict[str, Path]) -> None:
+    for r in read_jsonl(data["rl"]):
+        content = r["messages"][0]["content"]
+        if r["task"] in TEXT_TASKS:
+            assert isinstance(content, str)
+        else:
+            assert content[0]["type"] == "image" and content[1]["type"] == "text"
+            assert content[0]["image"] == f"images/{r['id']}.png"  # relative to the JSONL folder
+            assert image_path(data["rl"], r).is_file()
+        assert isinstance(r["answer"], str) and re.fullmatch(r"\d+", r["answer"])
+
+
+def test_images_are_cells_filled_by_objects(data: dict[str, Path]) -> None:
+    for r in read_jsonl(data["sft"]):
+        if r["task"] not in IMAGE_TASKS:
+            continue
+        pixels = load_pixels(image_path(data["sft"], r))
+        assert pixels.shape == (112, 112, 3)
+        for obj in r["meta"].get("objects", []):
+            cell = pixels[obj["row"] * CELL:(obj["row"] + 1) * CELL, obj["col"] * CELL:(obj["col"] + 1) * CELL]
+            rgb = np.array(COLORS[obj["color"]])
+            assert (cell[CELL // 2, CELL // 2] == rgb).all()
+            assert (cell == rgb).all(axis=-1).mean() > 0.3  # the object fills its cell
+            assert (cell == rgb).all(axis=-1).any(axis=0).sum() >= CELL - 6  # spans the width
+
+
+def test_count_answers_match_the_pixels(data: dict[str, Path]) -> None:
+    checked = 0
+    for split in ("sft", "rl", "eval"):
+        for r in read_jsonl(data[split]):
+            if r["task"] not in ("count_color", "count_shape", "sum_colors", "describe"):
+                continue
+            objects = decode_shapes(load_pixels(image_path(data[split], r)), COLORS)
+            assert objects == r["meta"]["objects"]
+            if r["task"] == "describe":
+                assert r["answer"] == ", ".join(f"{o['color']} {o['shape']}" for o in objects)
+            else:
+                assert int(r["answer"]) == count_from_pixels(r, objects)
+            checked += 1
+    assert checked >= 60
+
+
+def test_digit_sums_match_the_pixels(data: dict[str, Path]) -> None:
+    glyphs = list(DIGIT_FONT.values())
+    assert len(set(glyphs)) == 10 and all(len(g) == 7 and all(len(x) == 5 for x in g) for g in glyphs)
+    checked = 0
+    for split in ("sft", "rl", "eval"):
+        for r in read_jsonl(data[split]):
+            if r["task"] == "digit_sum":
+                digits = decode_digits(load_pixels(image_path(data[split], r)))
+                assert 2 <= len(digits) <= 3
+                assert int(r["answer"]) == sum(d["digit"] for d in digits)
+                checked += 1
+    assert checked >= 10
+
+
+def test_text_answers_are_right() -> None:
+    rng = random.Random(5)
+    for i in range(300):
+        r = make_problem("arith", i, rng)
+        expr = re.fullmatch(r"What is ([\d +*-]+)\?", question(r)).group(1)
+        n_operands = len(expr.split()) // 2 + 1
+        assert n_operands == 2 + (r["difficulty_level"] - 1) // 2
+        assert int(r["answer"]) == eval(expr)  # noqa: S307 - digits and + - * only
+        w = make_problem("word", i, rng)
+        assert int(w["answer"]) == solve_word(question(w)) >= 0
+
+
+def test_short_responses() -> None:
+    rng = random.Random(1)
+    for task in TASKS:
+        for i in range(20):
+            r = make_problem(task, i, rng)
+            text = short_response(r)
+            if task == "describe":
+                assert text == r["answer"] and "boxed" not in text
+            else:
+                assert BOXED.findall(text) == [r["answer"]]
+                assert text.endswith(f"The answer is \\boxed{{{r['answer']}}}.")
+    one = make_problem("count_color", 0, random.Random(0), level=1)
+    assert short_response(one).startswith("There is 1 ")
+
+
+def test_levels_and_difficulty_knob(tmp_path: Path) -> None:
+    path = tmp_path / "lv.jsonl"
+    counts = write_split(path, {"count_color": 30, "digit_sum": 10, "arith": 10}, seed=3,
+                         with_response=False, levels=(2, 3))
+    assert counts == {"count_color": 30, "digit_sum": 10, "arith": 10}
+    for r in read_jsonl(path):
+        assert r["difficulty_level"] in (2, 3)
+        if r["task"] == "count_color":
+            assert len(r["meta"]["objects"]) == r["difficulty_level"]
+    with pytest.raises(ValueError):
+        write_split(tmp_path / "bad.jsonl", {"arith": 1}, seed=0, with_response=False, levels=(0, 9))
+
+
+def test_zero_counts_are_rare_but_present() -> None:
+    rng = random.Random(2)
+    answers = [make_problem("count_color", i, rng)["answer"] for i in range(400)]
+    share = answers.count("0") / len(answers)
+    assert 0.0 < share < 0.2
+
+
+def test_yellow_option_and_render_scene(tmp_path: Path) -> None:
+    palette = ("red", "green", "blue", "yellow")
+    rng = random.Random(4)
+    seen = set()
+    for i in range(40):
+        r = make_problem("count_color", i, rng, level=6, image_dir=tmp_path, colors=palette)
+        pixels = load_pixels(tmp_path / f"{r['id']}.png")
+        assert decode_shapes(pixels, COLORS) == r["meta"]["objects"]
+        assert (np.asarray(render_scene(r["meta"])) == pixels).all()
+        seen |= {o["color"] for o in r["meta"]["objects"]}
+    assert "yellow" in seen
+    with pytest.raises(ValueError):
+        make_problem("count_color", 0, rng, colors=("purple",))
+
+
+def test_make_problem_is_seeded_locally() -> None:
+    random.seed(123)
+    a = make_problem("word", 7, random.Random(9))
+    random.seed(456)
+    b = make_problem("word", 7, random.Random(9))
+    assert a == b and a["id"] == "word-000007"
+    with pytest.raises(ValueError):
+        make_problem("nope", 0, random.Random(0))
+
+
+def test_vocabulary_corpus() -> None:
+    texts = vocabulary_corpus(seed=0, n=210)
+    assert len(texts) == 210 and texts == vocabulary_corpus(seed=0, n=210)
+    joined = "\n".join(texts)
+    for phrase in ("List the shapes", "How many", "sum of the digits", "What is", "Plan:",
+                   "Row 1:", "Check:", "Expression:", "Start:", "\\boxed{", "<think>", "yellow"):
+        assert phrase in joined, phrase

@@ -1,0 +1,502 @@
+"""A program that writes long chain-of-thought traces for the synthetic tasks.
+
+It stands in for the large teacher model of the long-CoT stage in the CPU demo. Its traces
+show the recipe's four behaviours with fixed, short templates a tiny model can learn:
+
+- planning: ``Plan: first I list every shape row by row, then I count the red ones.``
+- evaluation: ``Check: 2 counted + 2 others = 4. That matches.`` / ``Check: 11 - 8 = 3.``
+- reflection (a mistake caught and repaired): ``Wait, I skipped the red square in row 4.
+  Let me recount.``
+- exploration: ``Another way: count by shape. Circles: 1. ... Same result.``
+
+Image traces enumerate the scene row by row before they count or add, because
+enumerate-then-count is what a tiny model can learn. Every trace has the form
+``<think>\\n...\\n</think>\\nThe answer is \\boxed{X}.`` (``describe``: the object list).
+
+A trace is written from a *perceived* problem: normally the true one; for an uncaught
+mistake (``wrong=True``) a misread one (a colour, shape, digit or number read wrongly, or an
+object missed), so every later step, check included, is consistent and the final answer is
+wrong. Rejection sampling must filter those out.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from thinkvl.data.synthetic import (
+    SHAPES,
+    count_phrase,
+    expression_text,
+    reduce_steps,
+    word_change,
+)
+
+__all__ = ["ProgramTeacher", "trace", "trace_answer"]
+
+Lines = list[str]
+
+
+# ----------------------------------------------------------------------------- teacher
+
+class ProgramTeacher:
+    """Samples reasoning traces for synthetic problem records.
+
+    Args:
+        seed: base seed; a record's samples depend only on (seed, record id).
+        mistake_rate: probability that a trace makes a mistake it catches and repairs.
+        wrong_rate: probability that a trace makes a mistake it does not catch (wrong answer).
+        explore_rate: probability that a trace re-derives its answer another way.
+    """
+
+    def __init__(self, seed: int = 0, mistake_rate: float = 0.2, wrong_rate: float = 0.0,
+                 explore_rate: float = 0.3) -> None:
+        for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
+                           ("explore_rate", explore_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
+        self.seed = seed
+        self.mistake_rate = mistake_rate
+        self.wrong_rate = wrong_rate
+        self.explore_rate = explore_rate
+
+    def sample(self, record: dict[str, Any], n: int) -> list[str]:
+        """``n`` independent traces for one problem record (simple problems may repeat one)."""
+        key = record.get("id") or json.dumps(record["meta"], sort_keys=True)
+        rng = random.Random(f"program-teacher/{self.seed}/{key}")
+        out = []
+        for _ in range(n):
+            mistake = rng.random() < self.mistake_rate
+            wrong = rng.random() < self.wrong_rate
+            explore = rng.random() < self.explore_rate
+            out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore))
+        return out
+
+
+def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
+          wrong: bool = False, explore: bool = False) -> str:
+    """One trace for ``record`` (uses ``record["task"]`` and ``record["meta"]``).
+
+    ``mistake``: a caught and repaired mistake (answer stays right). ``wrong``: an uncaught
+    misreading (answer is wrong). ``explore``: an alternative derivation at the end.
+    """
+    task = record["task"]
+    if task not in _BUILDERS:
+        raise ValueError(f"the program teacher has no template for task {task!r}")
+    build, misread = _BUILDERS[task]
+    meta = record["meta"]
+    if wrong:
+        meta = _misread_until_wrong(misread, meta, rng, record["answer"], build, task)
+    lines, answer = build(task, meta, _Style(rng, mistake, explore))
+    final = answer if task == "describe" else f"The answer is \\boxed{{{answer}}}."
+    return "<think>\n" + "\n".join(lines) + "\n</think>\n" + final
+
+
+def trace_answer(task: str, meta: dict[str, Any]) -> str:
+    """The answer a clean trace reaches for ``meta`` (used to verify misreadings)."""
+    build, _ = _BUILDERS[task]
+    return build(task, meta, _Style(random.Random(0), False, False))[1]
+
+
+@dataclass
+class _Style:
+    rng: random.Random
+    mistake: bool
+    explore: bool
+
+
+def _misread_until_wrong(misread: Callable[[dict, random.Random], dict], meta: dict[str, Any],
+                         rng: random.Random, answer: str, build: Callable, task: str) -> dict:
+    """A misread copy of ``meta`` whose clean answer differs from ``answer``."""
+    for _ in range(50):
+        seen = misread(copy.deepcopy(meta), rng)
+        if build(task, seen, _Style(random.Random(0), False, False))[1] != answer:
+            return seen
+    raise RuntimeError(f"could not misread a {task} problem into a wrong answer")
+
+
+# ----------------------------------------------------------------------------- text helpers
+
+def _sum_text(values: Sequence[int]) -> str:
+    """``0`` / ``3`` / ``3 + 8 = 11``."""
+    if not values:
+        return "0"
+    if len(values) == 1:
+        return str(values[0])
+    return " + ".join(map(str, values)) + f" = {sum(values)}"
+
+
+def _sentence_case(text: str) -> str:
+    return text[0].lower() + text[1:]
+
+
+def _slip(rng: random.Random, value: int) -> int:
+    """A nearby wrong value (never negative)."""
+    return rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
+
+
+def _inverse(a: int, op: str, b: int, c: int) -> str:
+    """The check of a step ``a op b = c``."""
+    if op == "+":
+        return f"{c} - {b} = {a}."
+    if op == "-":
+        return f"{c} + {b} = {a}."
+    return f"{b} * {a} = {c}."
+
+
+def _failed_check(a: int, op: str, b: int, wrong: int) -> str:
+    """A check that exposes ``a op b = wrong``."""
+    if op == "+":
+        return f"Check: {wrong} - {b} = {wrong - b}, not {a}."
+    if op == "-":
+        return f"Check: {wrong} + {b} = {wrong + b}, not {a}."
+    return f"Check: {b} * {a} = {a * b}, not {wrong}."
+
+
+def _repair(a: int, op: str, b: int, right: int, wrong: int) -> Lines:
+    return [_failed_check(a, op, b, wrong),
+            f"Wait, {a} {op} {b} = {right}, not {wrong}. Let me redo this step."]
+
+
+# ----------------------------------------------------------------------------- shape scenes
+
+def _name(obj: dict[str, Any]) -> str:
+    return f"{obj['color']} {obj['shape']}"
+
+
+def _row_lines(items: Sequence[dict[str, Any]], rows: int, label: Callable[[dict], str],
+               skip: dict[str, Any] | None, noun: str) -> Lines:
+    """``Row 1: red circle, blue square.`` for every row; ``skip`` is left out, then caught."""
+    lines: Lines = []
+    for r in range(rows):
+        in_row = [o for o in items if o["row"] == r]
+        shown = [o for o in in_row if o is not skip]
+        lines.append(f"Row {r + 1}: " + (", ".join(map(label, shown)) if shown else "nothing") + ".")
+        if skip is not None and skip in in_row:
+            lines.append(f"Wait, I skipped the {label(skip)} in row {r + 1}. "
+                         f"Let me {noun} row {r + 1} again: " + ", ".join(map(label, in_row)) + ".")
+    return lines
+
+
+@dataclass
+class _Target:
+    """What a counting question counts."""
+
+    matches: Callable[[dict], bool]
+    goal: str          # plan: "the red ones"
+    label: str         # tally: "Counting red:"
+    singular: str      # "red shape"
+    plural: str        # "red shapes"
+    negation: str      # "is not red"
+    attribute: str     # the attribute a misreading changes: "color" or "shape"
+    values: list[str]  # the counted values of that attribute
+    options: list[str]  # all values of that attribute
+
+
+def _target(task: str, meta: dict[str, Any]) -> _Target:
+    palette = list(meta["palette"])
+    if task == "count_shape":
+        shape = meta["target"]["shape"]
+        return _Target(lambda o: o["shape"] == shape, f"the {shape}s", f"Counting {shape}s:",
+                       shape, f"{shape}s", f"is not a {shape}", "shape", [shape], list(SHAPES))
+    colors = list(meta["target"]["colors"])
+    text = " and ".join(colors)
+    return _Target(lambda o: o["color"] in colors, f"the {text} ones", f"Counting {text}:",
+                   f"{text} shape", f"{text} shapes", "is not " + " or ".join(colors),
+                   "color", colors, palette)
+
+
+def _tally(label: str, items: Sequence[dict[str, Any]]) -> str:
+    if not items:
+        return f"{label} none, so 0."
+    return label + " " + ", ".join(f"{_name(o)} is {i + 1}" for i, o in enumerate(items)) + "."
+
+
+def _count_check(counted: int, others: int, listed: int) -> str:
+    total = counted + others
+    tail = "That matches." if total == listed else f"But I listed {listed}."
+    return f"Check: {counted} counted + {others} others = {total}. {tail}"
+
+
+def _explore_shapes(task: str, meta: dict[str, Any], objs: Sequence[dict], target: _Target) -> str:
+    hits = [o for o in objs if target.matches(o)]
+    if task == "count_color":
+        head = "Another way: count by shape."
+        parts = [(f"{s.capitalize()}s", sum(o["shape"] == s for o in hits)) for s in SHAPES]
+    elif task == "count_shape":
+        head = f"Another way: count the {target.plural} by color."
+        parts = [(c.capitalize(), sum(o["color"] == c for o in hits)) for c in meta["palette"]]
+    else:
+        head = "Another way: count each color."
+        parts = [(c.capitalize(), sum(o["color"] == c for o in hits)) for c in target.values]
+    counts = " ".join(f"{name}: {n}." for name, n in parts)
+    numbers = [n for _, n in parts]
+    return f"{head} {counts} {' + '.join(map(str, numbers))} = {sum(numbers)}. Same result."
+
+
+def _count_lines(objs: Sequence[dict], target: _Target, style: _Style) -> Lines:
+    """Tally, conclusion and check; a mistake miscounts first and is caught by the check."""
+    hits = [o for o in objs if target.matches(o)]
+    others = len(objs) - len(hits)
+    right = [_tally(target.label, hits),
+             f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}.",
+             _count_check(len(hits), others, len(objs))]
+    kinds = (["skip"] if hits else []) + (["extra"] if others else [])
+    if not style.mistake or not kinds:
+        return right
+    kind = style.rng.choice(kinds)
+    if kind == "skip":
+        bad = style.rng.choice(hits)
+        first = [o for o in hits if o is not bad]
+        why = f"Wait, I skipped the {_name(bad)} in row {bad['row'] + 1}. Let me recount."
+    else:
+        bad = style.rng.choice([o for o in objs if not target.matches(o)])
+        first = [o for o in objs if target.matches(o) or o is bad]
+        why = f"Wait, the {_name(bad)} in row {bad['row'] + 1} {target.negation}. Let me recount."
+    wrong = [_tally(target.label, first),
+             f"So {_sentence_case(count_phrase(len(first), target.singular, target.plural))}.",
+             _count_check(len(first), others, len(objs)), why]
+    return wrong + right
+
+
+def _shape_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, str]:
+    objs = meta["objects"]
+    rows = meta["grid"][0]
+    # A caught mistake is a skipped object while listing or a miscount (see _count_lines).
+    list_mistake = style.mistake and bool(objs) and (task == "describe" or style.rng.random() < 0.5)
+    skip = style.rng.choice(objs) if list_mistake else None
+    listing = _row_lines(objs, rows, _name, skip, "list")
+    listed = f"That is {len(objs)} {'shape' if len(objs) == 1 else 'shapes'}."
+    if task == "describe":
+        plan = "Plan: I list every shape row by row."
+        check = f"Check: I looked at all {rows} rows."
+        return [plan, *listing, listed, check], ", ".join(map(_name, objs))
+    target = _target(task, meta)
+    plan = f"Plan: first I list every shape row by row, then I count {target.goal}."
+    counting = _count_lines(objs, target, _Style(style.rng, style.mistake and skip is None, False))
+    lines = [plan, *listing, listed, *counting]
+    if style.explore:
+        lines.append(_explore_shapes(task, meta, objs, target))
+    return lines, str(sum(target.matches(o) for o in objs))
+
+
+def _misread_shapes(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """Misread one object's colour/shape (across the counted line) or miss one object."""
+    objs = meta["objects"]
+    if "target" not in meta:  # describe: any misreading changes the list
+        obj = rng.choice(objs)
+        obj["color"] = rng.choice([c for c in meta["palette"] if c != obj["color"]] or [obj["color"]])
+        obj["shape"] = rng.choice([s for s in SHAPES if s != obj["shape"]])
+        return meta
+    task = "count_shape" if "shape" in meta["target"] else "count_color"
+    target = _target(task, meta)
+    hits = [o for o in objs if target.matches(o)]
+    misses = [o for o in objs if not target.matches(o)]
+    outside = [v for v in target.options if v not in target.values]
+    choices = (["out"] if hits and outside else []) + (["in"] if misses else [])
+    if hits and (len(objs) > 1 or not choices):
+        choices.append("drop")
+    kind = rng.choice(choices)
+    if kind == "drop":
+        objs.remove(rng.choice(hits))
+    elif kind == "out":
+        rng.choice(hits)[target.attribute] = rng.choice(outside)
+    else:
+        rng.choice(misses)[target.attribute] = rng.choice(target.values)
+    return meta
+
+
+# ----------------------------------------------------------------------------- digits
+
+def _digit_label(item: dict[str, Any]) -> str:
+    return str(item["digit"])
+
+
+def _add_chain(values: Sequence[int], style: _Style, allow_mistake: bool) -> tuple[Lines, Lines]:
+    """Lines adding ``values`` left to right, and the inverse-chain check of those steps."""
+    lines: Lines = []
+    steps: list[tuple[int, str, int, int]] = []
+    slip_at = style.rng.randrange(len(values) - 1) if allow_mistake else -1
+    total = values[0]
+    for i, v in enumerate(values[1:]):
+        right = total + v
+        if i == slip_at:
+            wrong = _slip(style.rng, right)
+            lines += [f"{total} + {v} = {wrong}.", *_repair(total, "+", v, right, wrong)]
+        lines.append(f"{total} + {v} = {right}.")
+        steps.append((total, "+", v, right))
+        total = right
+    check = "Check: " + " ".join(_inverse(*s) for s in reversed(steps))
+    return lines, [check]
+
+
+def _digit_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, str]:
+    digits = meta["digits"]
+    values = [d["digit"] for d in digits]
+    kind = style.rng.choice(["skip", "slip"]) if style.mistake else None
+    skip = style.rng.choice(digits) if kind == "skip" else None
+    lines = ["Plan: first I read every digit row by row, then I add them one at a time.",
+             *_row_lines(digits, meta["grid"][0], _digit_label, skip, "read"),
+             "The digits are " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}."]
+    adds, check = _add_chain(values, style, kind == "slip")
+    lines += adds + check
+    if style.explore:
+        back = list(reversed(values))
+        plain, _ = _add_chain(back, _Style(style.rng, False, False), False)
+        lines.append("Another way: add from the last digit. " + " ".join(plain) + " Same result.")
+    return lines, str(sum(values))
+
+
+def _misread_digits(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    item = rng.choice(meta["digits"])
+    item["digit"] = rng.choice([d for d in (item["digit"] - 1, item["digit"] + 1) if 0 <= d <= 9])
+    return meta
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+def _arith_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, str]:
+    values, ops = list(meta["operands"]), list(meta["operators"])
+    plan = ("Plan: first I do the multiplications, then I add and subtract from left to right."
+            if "*" in ops else "Plan: there is no multiplication, so I add and subtract from left to right.")
+    lines = [plan, f"Expression: {expression_text(values, ops)}."]
+    steps = reduce_steps(values, ops)
+    slip_at = style.rng.randrange(len(steps)) if style.mistake else -1
+    for k, (a, op, b, c) in enumerate(steps):
+        if k == slip_at:
+            wrong = _slip(style.rng, c)
+            lines += [f"{a} {op} {b} = {wrong}.", *_repair(a, op, b, c, wrong)]
+        i = ops.index("*") if "*" in ops else 0
+        values[i: i + 2] = [c]
+        del ops[i]
+        rest = f" Now it is {expression_text(values, ops)}." if ops else ""
+        lines.append(f"{a} {op} {b} = {c}.{rest}")
+    additive = [s for s in steps if s[1] != "*"]
+    checked = list(reversed(additive)) if additive else [steps[-1]]
+    lines.append("Check: " + " ".join(_inverse(*s) for s in checked))
+    if style.explore:
+        lines.append(_explore_arith(meta["operands"], meta["operators"]))
+    return lines, str(steps[-1][3])
+
+
+def _terms(operands: Sequence[int], operators: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The expression's products as signed terms: ``3 + 4 * 2 - 1`` -> [3, 8, 1], [+, -]."""
+    terms, term_ops = [operands[0]], []
+    for op, value in zip(operators, operands[1:]):
+        if op == "*":
+            terms[-1] *= value
+        else:
+            terms.append(value)
+            term_ops.append(op)
+    return terms, term_ops
+
+
+def _explore_arith(operands: Sequence[int], operators: Sequence[str]) -> str:
+    """Re-derive the value as (sum of plus terms) - (sum of minus terms)."""
+    terms, term_ops = _terms(operands, operators)
+    if not term_ops:  # a pure product: multiply from the right instead
+        vals = list(operands)
+        acc, parts = vals[-1], []
+        for v in reversed(vals[:-1]):
+            parts.append(f"{v} * {acc} = {v * acc}.")
+            acc *= v
+        return "Another way: multiply from the right. " + " ".join(parts) + " Same result."
+    plus = [terms[0]] + [t for op, t in zip(term_ops, terms[1:]) if op == "+"]
+    minus = [t for op, t in zip(term_ops, terms[1:]) if op == "-"]
+    return (f"Another way: plus terms {_sum_text(plus)}, minus terms {_sum_text(minus)}, "
+            f"and {sum(plus)} - {sum(minus)} = {sum(plus) - sum(minus)}. Same result.")
+
+
+def _misread_operands(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    operands = meta["operands"]
+    i = rng.randrange(len(operands))
+    operands[i] = rng.choice([v for v in (operands[i] - 1, operands[i] + 1) if v >= 1])
+    meta["expression"] = expression_text(operands, meta["operators"])
+    return meta
+
+
+# ----------------------------------------------------------------------------- word problems
+
+_WORD_LABELS = {"buy": "Buys {n} more", "find": "Finds {n} more", "get": "Gets {n} more",
+                "give": "Gives {n} away", "lose": "Loses {n}"}
+
+
+def _word_step_lines(step: dict[str, Any], current: int, style: _Style, slip: bool) -> Lines:
+    change = word_change(step)
+    new = current + change
+    if step["kind"] == "bags":
+        head = f"Buys {step['k']} bags of {step['m']}: {step['k']} * {step['m']} = {change}."
+        a, op, b = current, "+", change
+    else:
+        head = _WORD_LABELS[step["kind"]].format(n=step["n"]) + ":"
+        a, op, b = current, ("+" if change >= 0 else "-"), abs(change)
+    if not slip:
+        return [f"{head} {a} {op} {b} = {new}."]
+    wrong = _slip(style.rng, new)
+    return [f"{head} {a} {op} {b} = {wrong}.", *_repair(a, op, b, new, wrong), f"{a} {op} {b} = {new}."]
+
+
+def _word_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, str]:
+    items = meta["items"]
+    current = meta["start"]
+    lines = ["Plan: first I write down each change, then I work it out step by step.",
+             f"Start: {current} {meta['item'] if current == 1 else items}."]
+    slip_at = style.rng.randrange(len(meta["steps"])) if style.mistake else -1
+    inverses: Lines = []
+    for k, step in enumerate(meta["steps"]):
+        lines += _word_step_lines(step, current, style, k == slip_at)
+        change = word_change(step)
+        new = current + change
+        inverses.insert(0, _inverse(current, "+" if change >= 0 else "-", abs(change), new))
+        current = new
+    lines.append("Check: " + " ".join(inverses) + " That is the start.")
+    if style.explore:
+        changes = [word_change(s) for s in meta["steps"]]
+        gained = [c for c in changes if c > 0]
+        lost = [-c for c in changes if c < 0]
+        lines.append(f"Another way: gained {_sum_text(gained)}, lost {_sum_text(lost)}, and "
+                     f"{meta['start']} + {sum(gained)} - {sum(lost)} = {current}. Same result.")
+    noun = meta["item"] if current == 1 else items
+    lines.append(f"So {meta['name']} has {current} {noun} now.")
+    return lines, str(current)
+
+
+def _misread_word(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """Misread one number of the problem (keeping every amount possible)."""
+    for _ in range(20):
+        trial = copy.deepcopy(meta)
+        slots = [("start", None)] + [(i, "m" if s["kind"] == "bags" else "n")
+                                     for i, s in enumerate(trial["steps"])]
+        where, key = rng.choice(slots)
+        holder = trial if where == "start" else trial["steps"][where]
+        key = "start" if where == "start" else key
+        holder[key] = rng.choice([v for v in (holder[key] - 1, holder[key] + 1) if v >= 1])
+        if _word_values_ok(trial):
+            return trial
+    meta["start"] += 1  # always possible: more at the start never goes negative
+    return meta
+
+
+def _word_values_ok(meta: dict[str, Any]) -> bool:
+    current = meta["start"]
+    for step in meta["steps"]:
+        current += word_change(step)
+        if current < 0:
+            return False
+    return True
+
+
+_Builder = Callable[[str, dict[str, Any], _Style], tuple[Lines, str]]
+_BUILDERS: dict[str, tuple[_Builder, Callable[[dict, random.Random], dict]]] = {
+    "describe": (_shape_trace, _misread_shapes),
+    "count_color": (_shape_trace, _misread_shapes),
+    "count_shape": (_shape_trace, _misread_shapes),
+    "sum_colors": (_shape_trace, _misread_shapes),
+    "digit_sum": (_digit_trace, _misread_digits),
+    "arith": (_arith_trace, _misread_operands),
+    "word": (_word_trace, _misread_word),
+}
