@@ -1,0 +1,170 @@
+"""Chunked token log-probs: same values and gradients as the naive computation, less memory."""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+from torch.autograd.graph import saved_tensors_hooks
+
+from thinkvl.rl.logprobs import (
+    token_logprobs_and_entropy,
+    token_logprobs_from_hidden,
+    token_logprobs_from_logits,
+)
+
+torch.set_num_threads(1)
+B, T, H, V = 3, 7, 8, 50  # B*T = 21 tokens
+
+
+def _inputs(dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=dtype, requires_grad=True)
+    bias = torch.randn(V, generator=g, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return hidden, weight, bias, targets
+
+
+def _naive(
+    hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    logits = (hidden @ weight.t() + bias) / temperature  # [B, T, V], all of it at once
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1024])  # 4 and 5 do not divide 21
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_and_gradients_match_naive(chunk_size: int, temperature: float) -> None:
+    hidden, weight, bias, targets = _inputs()
+    g = torch.Generator().manual_seed(1)
+    w_lp = torch.randn(B, T, generator=g, dtype=torch.float64)  # arbitrary upstream gradients
+    w_en = torch.randn(B, T, generator=g, dtype=torch.float64)
+
+    lp, en = token_logprobs_and_entropy(
+        hidden, weight, targets, chunk_size=chunk_size, temperature=temperature, bias=bias
+    )
+    got = torch.autograd.grad((lp * w_lp).sum() + (en * w_en).sum(), (hidden, weight, bias))
+    lp_ref, en_ref = _naive(hidden, weight, bias, targets, temperature)
+    ref_loss = (lp_ref * w_lp).sum() + (en_ref * w_en).sum()
+    want = torch.autograd.grad(ref_loss, (hidden, weight, bias))
+
+    torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(en, en_ref, rtol=0, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck() -> None:
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 6, (2, 3), generator=g)
+
+    def f(h: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return token_logprobs_and_entropy(h, w, targets, chunk_size=4, temperature=0.9, bias=b)
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_no_bias_no_weight_grad_float32() -> None:
+    hidden, weight, _, targets = _inputs(torch.float32)
+    weight = weight.detach()  # a frozen / tied head that needs no gradient
+    lp = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=8)
+    lp.sum().backward()
+    lp_ref = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[..., None])[..., 0]
+    (g_ref,) = torch.autograd.grad(lp_ref.sum(), hidden)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_and_ignored_positions_are_zero_and_get_no_gradient() -> None:
+    hidden, weight, bias, targets = _inputs()
+    targets = targets.clone()
+    targets[0, :2] = -100
+    mask = torch.ones(B, T)
+    mask[2, 4:] = 0
+    lp, en = token_logprobs_and_entropy(hidden, weight, targets, 5, bias=bias, mask=mask)
+    (lp.sum() + en.sum()).backward()
+    skipped = torch.zeros(B, T, dtype=torch.bool)
+    skipped[0, :2] = True
+    skipped[2, 4:] = True
+    assert torch.all(lp[skipped] == 0) and torch.all(en[skipped] == 0)
+    assert torch.all(hidden.grad[skipped] == 0)
+    assert torch.all(hidden.grad[~skipped].abs().sum(-1) > 0)
+    lp_ref, en_ref = _naive(hidden, weight, bias, targets.clamp(min=0))
+    torch.testing.assert_close(lp[~skipped], lp_ref[~skipped], rtol=0, atol=1e-12)
+
+
+def _largest_saved_numel(fn: Callable[[], Tensor]) -> int:
+    sizes: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:
+        sizes.append(t.numel())
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()  # the saved tensors really do serve the backward
+    return max(sizes)
+
+
+def test_autograd_keeps_no_full_logits() -> None:
+    hidden, weight, bias, targets = _inputs()
+    n_tokens = B * T
+    assert weight.numel() < n_tokens * V  # so the check below can only be tripped by logits
+
+    def chunked() -> Tensor:
+        lp, en = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, bias=bias)
+        return lp + en
+
+    def naive() -> Tensor:
+        lp, en = _naive(hidden, weight, bias, targets)
+        return lp + en
+
+    assert _largest_saved_numel(chunked) < n_tokens * V
+    assert _largest_saved_numel(naive) >= n_tokens * V  # the probe does see full logits
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])
+def test_from_logits(chunk_size: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, T, V, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lp = token_logprobs_from_logits(logits, targets, chunk_size=chunk_size, temperature=0.5)
+    want = torch.log_softmax(logits.float() / 0.5, -1).gather(-1, targets.unsqueeze(-1))
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, want.squeeze(-1), rtol=0, atol=1e-6)
+
+
+def test_bad_arguments() -> None:
+    hidden, weight, _, targets = _inputs()
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs_from_hidden(hidden, weight, targets, chunk_size=0)
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs_from_hidden(hidden, weight, targets[:, :-1])
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        token_logprobs_from_hidden(hidden, weight[:, :-1], targets)
+
+
+def test_bfloat16_head_is_close_to_float64() -> None:
+    hidden, weight, bias, targets = _inputs(torch.float64)
+    h16 = hidden.detach().to(torch.bfloat16).requires_grad_(True)
+    w16 = weight.detach().to(torch.bfloat16).requires_grad_(True)
+    lp = token_logprobs_from_hidden(h16, w16, targets, chunk_size=5)
+    lp.sum().backward()
+    assert lp.dtype == torch.float32 and w16.grad.dtype == torch.bfloat16
+    # reference from the same rounded inputs, computed in float64
+    h64 = h16.detach().double().requires_grad_(True)
+    w64 = w16.detach().double().requires_grad_(True)
+    ref = torch.log_softmax(h64 @ w64.t(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ref.sum().backward()
+    # bf16 logits carry ~3 significant digits; logits here are O(10)
+    torch.testing.assert_close(lp.double(), ref, rtol=0, atol=0.05)
+    torch.testing.assert_close(w16.grad.double(), w64.grad, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(h16.grad.double(), h64.grad, rtol=0.02, atol=0.05)
