@@ -69,12 +69,6 @@ def _cmd_label(a: argparse.Namespace) -> None:
     print(f"labelled problems: {out}")
 
 
-def _cmd_eval(a: argparse.Namespace) -> None:
-    from thinkvl.eval.evaluate import main as eval_main
-
-    eval_main(a.rest)
-
-
 def _cmd_pipeline(a: argparse.Namespace) -> None:
     from thinkvl.pipeline import run_pipeline
 
@@ -122,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         _recipe_args(p)
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("eval", help="pass@1, pass@k, response length", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_cmd_eval)
+    sub.add_parser("eval", help="pass@1, pass@k, response length (see `thinkvl eval --help`)")
 
     p = sub.add_parser("plot", help="PNG curves from a run's metrics.jsonl")
     p.add_argument("run_dir")
@@ -137,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "eval":
+        # eval has its own full argument parser; hand it everything after the sub-command.
+        from thinkvl.eval.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

@@ -1,0 +1,335 @@
+"""Evaluation: greedy pass@1, sampled pass@1, unbiased pass@k, response length, format compliance.
+
+For each problem the model answers once greedily and n times by sampling (n = `n_samples`, default
+k). A response is correct when the verifier's score is >= 0.5 (verifiers return 0 or 1; partial
+scores are thresholded). Per problem with c correct samples out of n:
+
+    sampled pass@1 = c / n
+    pass@k         = 1 - C(n - c, k) / C(n, k)      (Chen et al. 2021, unbiased for n >= k)
+
+and every metric is the mean over problems, overall and broken down by task, by difficulty bucket
+and by modality (text vs image). `thinkvl eval --model DIR --data FILE` prints a table and writes
+`summary.json` + `responses.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from thinkvl.models.load import Loaded
+from thinkvl.rollout.engine import GenerationEngine, SamplingParams
+from thinkvl.rollout.types import Rollout
+
+CORRECT_THRESHOLD = 0.5
+# Problems per generate call: fixed (not batch_size) so seeds, hence samples, do not depend on it.
+PROBLEMS_PER_CALL = 64
+DIFFICULTY_EDGES = (0.2, 0.4, 0.6, 0.8)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    The probability that at least one of k samples drawn without replacement from the n is correct.
+    It is 1 when n - c < k (every k-subset holds a correct sample) and 0 when c = 0.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def difficulty_bucket(problem: dict) -> str:
+    """'0.0-0.2' ... '0.8-1.0' from `difficulty` (1.0 in the last bucket), else 'level N', else 'unknown'."""
+    d = problem.get("difficulty")
+    if d is not None:
+        i = sum(d >= e for e in DIFFICULTY_EDGES)
+        lo = 0.0 if i == 0 else DIFFICULTY_EDGES[i - 1]
+        hi = 1.0 if i == len(DIFFICULTY_EDGES) else DIFFICULTY_EDGES[i]
+        return f"{lo:.1f}-{hi:.1f}"
+    if problem.get("difficulty_level") is not None:
+        return f"level {problem['difficulty_level']}"
+    return "unknown"
+
+
+def has_image(problem: dict) -> bool:
+    return any(
+        isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
+        for m in problem["messages"]
+    )
+
+
+@dataclass
+class Scorer:
+    """The three verifier functions evaluation needs; each must never raise."""
+
+    verify: Callable[[str, str], float]  # (response, reference) -> score in [0, 1]
+    format_ok: Callable[[str], bool]  # the response follows the expected answer format
+    extract_answer: Callable[[str], str | None]  # the final answer the verifier would read
+
+    @classmethod
+    def build(cls, verifier: str | Callable[[str, str], float], timeout_s: float = 2.0) -> Scorer:
+        """From a registered verifier name or a plain `(response, reference) -> float` function."""
+        from thinkvl.rewards import verifiers
+
+        fn = verifiers.get_verifier(verifier) if isinstance(verifier, str) else verifier
+        return cls(
+            verify=partial(verifiers.safe_score, fn, timeout_s=timeout_s),
+            format_ok=verifiers.format_ok,
+            extract_answer=verifiers.extract_answer,
+        )
+
+
+@dataclass
+class ProblemResult:
+    """One problem's responses and scores."""
+
+    id: str
+    task: str
+    has_image: bool
+    difficulty: str  # the bucket label
+    answer: str
+    greedy_response: str | None = None
+    extracted_answer: str | None = None
+    score: float | None = None  # greedy response's score (0 when require_format and the format fails)
+    format_ok: bool | None = None
+    length: int | None = None  # greedy response tokens
+    truncated: bool | None = None
+    sample_scores: list[float] = field(default_factory=list)  # [n]
+    sample_lengths: list[int] = field(default_factory=list)  # [n]
+    sample_truncated: list[bool] = field(default_factory=list)  # [n]
+
+    @property
+    def n_correct(self) -> int:
+        return sum(s >= CORRECT_THRESHOLD for s in self.sample_scores)
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(results: Sequence[ProblemResult], k: int) -> dict:
+    """Metrics of a group of problems (means over problems; None when a pass was not run)."""
+    greedy = [r for r in results if r.score is not None]
+    sampled = [r for r in results if r.sample_scores]
+    lengths = [r.length for r in greedy] or [n for r in sampled for n in r.sample_lengths]
+    return {
+        "n": len(results),
+        "greedy_pass@1": _mean([float(r.score >= CORRECT_THRESHOLD) for r in greedy]),
+        "sampled_pass@1": _mean([r.n_correct / len(r.sample_scores) for r in sampled]),
+        "pass@k": _mean([pass_at_k(len(r.sample_scores), r.n_correct, k) for r in sampled]) if k else None,
+        "mean_length": _mean(lengths),
+        "median_length": statistics.median(lengths) if lengths else None,
+        "format_ok": _mean([float(r.format_ok) for r in greedy]),
+        "truncated": _mean([float(r.truncated) for r in greedy]),
+        "sampled_mean_length": _mean([n for r in sampled for n in r.sample_lengths]),
+        "sampled_truncated": _mean([float(t) for r in sampled for t in r.sample_truncated]),
+    }
+
+
+def _breakdown(results: Sequence[ProblemResult], key: Callable[[ProblemResult], str], k: int) -> dict[str, dict]:
+    groups: dict[str, list[ProblemResult]] = {}
+    for r in results:
+        groups.setdefault(key(r), []).append(r)
+    return {name: summarize(groups[name], k) for name in sorted(groups)}
+
+
+@dataclass
+class EvalResult:
+    """Overall metrics, breakdowns and per-problem records of one evaluation."""
+
+    overall: dict  # `summarize` of all problems
+    by_task: dict[str, dict]
+    by_difficulty: dict[str, dict]
+    by_modality: dict[str, dict]  # 'text' / 'image'
+    problems: list[ProblemResult]
+    settings: dict  # k, n_samples, max_new_tokens, temperature, verifier, ...
+
+    @property
+    def greedy_pass1(self) -> float | None:
+        return self.overall["greedy_pass@1"]
+
+    @property
+    def sampled_pass1(self) -> float | None:
+        return self.overall["sampled_pass@1"]
+
+    @property
+    def pass_k(self) -> float | None:
+        return self.overall["pass@k"]
+
+    def summary(self) -> dict:
+        return {
+            "settings": self.settings,
+            "overall": self.overall,
+            "by_task": self.by_task,
+            "by_difficulty": self.by_difficulty,
+            "by_modality": self.by_modality,
+        }
+
+
+def _generate_all(
+    engine: GenerationEngine, prompts: list, n: int, sampling: SamplingParams, desc: str
+) -> list[list[Rollout]]:
+    """Generate in calls of PROBLEMS_PER_CALL prompts (a progress bar; seeds offset per call)."""
+    out: list[list[Rollout]] = []
+    for start in tqdm(range(0, len(prompts), PROBLEMS_PER_CALL), desc=desc, unit="call", leave=False):
+        call = replace(sampling, seed=sampling.seed * 1_000_003 + start)
+        out.extend(engine.generate(prompts[start : start + PROBLEMS_PER_CALL], n, call))
+    return out
+
+
+def _score(scorer: Scorer, rollout: Rollout, answer: str, require_format: bool) -> tuple[float, bool]:
+    """(score, format ok) of one response; a format failure scores 0 when the format is required."""
+    ok = bool(scorer.format_ok(rollout.response_text))
+    if require_format and not ok:
+        return 0.0, ok
+    return float(scorer.verify(rollout.response_text, answer)), ok
+
+
+def evaluate(
+    loaded: Loaded,
+    problems: list[dict],
+    verifier: str | Callable[[str, str], float] | Scorer = "math",
+    k: int = 4,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    greedy: bool = True,
+    batch_size: int = 32,
+    seed: int = 0,
+    require_format: bool = False,
+    n_samples: int | None = None,
+    engine: GenerationEngine | None = None,
+) -> EvalResult:
+    """Evaluate `loaded` on problem records (`messages`, `answer`, optional `id`/`task`/`difficulty`).
+
+    greedy: also run one greedy response per problem (greedy pass@1, lengths, format compliance).
+    k: pass@k's k; n_samples (default k) responses are sampled per problem at `temperature`
+    (k = 0 skips sampling). engine: defaults to an `HFEngine(loaded, batch_size)`, which bans image
+    placeholder tokens.
+    """
+    n = k if n_samples is None else n_samples
+    if k < 0 or n < k:
+        raise ValueError(f"need 0 <= k <= n_samples, got k={k}, n_samples={n}")
+    if engine is None:
+        from thinkvl.rollout.hf_engine import HFEngine
+
+        engine = HFEngine(loaded, batch_size=batch_size)
+    scorer = verifier if isinstance(verifier, Scorer) else Scorer.build(verifier)
+    prompts = []
+    for p in problems:
+        ex = loaded.render(p["messages"], add_generation_prompt=True)
+        ex.extra["id"] = str(p["id"])
+        prompts.append(ex)
+    results = [
+        ProblemResult(id=str(p["id"]), task=str(p.get("task", "default")), has_image=has_image(p),
+                      difficulty=difficulty_bucket(p), answer=str(p["answer"]))
+        for p in problems
+    ]
+    if greedy:
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=True, seed=seed)
+        for res, (r,) in zip(results, _generate_all(engine, prompts, 1, sampling, "greedy")):
+            res.score, res.format_ok = _score(scorer, r, res.answer, require_format)
+            res.greedy_response, res.extracted_answer = r.response_text, scorer.extract_answer(r.response_text)
+            res.length, res.truncated = r.length, r.truncated
+    if n > 0:
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        for res, group in zip(results, _generate_all(engine, prompts, n, sampling, "samples")):
+            res.sample_scores = [_score(scorer, r, res.answer, require_format)[0] for r in group]
+            res.sample_lengths = [r.length for r in group]
+            res.sample_truncated = [r.truncated for r in group]
+    settings = {
+        "k": k, "n_samples": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "greedy": greedy,
+        "seed": seed, "require_format": require_format, "n_problems": len(problems),
+        "verifier": verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__),
+    }
+    return EvalResult(
+        overall=summarize(results, k),
+        by_task=_breakdown(results, lambda r: r.task, k),
+        by_difficulty=_breakdown(results, lambda r: r.difficulty, k),
+        by_modality=_breakdown(results, lambda r: "image" if r.has_image else "text", k),
+        problems=results,
+        settings=settings,
+    )
+
+
+def write_eval(result: EvalResult, out_dir: str | Path) -> Path:
+    """Write `summary.json` (settings, overall, breakdowns) and `responses.jsonl` (one line a problem)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
+    with (out / "responses.jsonl").open("w", encoding="utf-8") as f:
+        for r in result.problems:
+            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+    return out
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.1f}"
+
+
+def format_table(result: EvalResult) -> str:
+    """A plain-text table: overall, then each breakdown's groups."""
+    k = result.settings["k"]
+    head = f"{'group':<24}{'n':>6}{'greedy@1':>10}{'pass@1':>9}{f'pass@{k}':>9}{'len':>8}{'format':>8}{'trunc':>7}"
+    lines = [head, "-" * len(head)]
+
+    def row(name: str, s: dict) -> str:
+        return (f"{name[:23]:<24}{s['n']:>6}{_fmt(s['greedy_pass@1']):>10}{_fmt(s['sampled_pass@1']):>9}"
+                f"{_fmt(s['pass@k']):>9}{_fmt(s['mean_length'], pct=False):>8}{_fmt(s['format_ok']):>8}"
+                f"{_fmt(s['truncated']):>7}")
+
+    lines.append(row("all", result.overall))
+    for title, groups in (("task", result.by_task), ("difficulty", result.by_difficulty),
+                          ("modality", result.by_modality)):
+        if len(groups) > 1:
+            lines.extend(row(f"{title}: {name}", s) for name, s in groups.items())
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="thinkvl eval", description="pass@1, pass@k and response length of a model")
+    p.add_argument("--model", required=True, help="model folder, cached hub id, or 'tiny'")
+    p.add_argument("--data", required=True, help="problem records (JSONL / Parquet / datasets folder)")
+    p.add_argument("--out", default=None, help="write summary.json and responses.jsonl here")
+    p.add_argument("--k", type=int, default=4, help="pass@k's k (0: no sampling)")
+    p.add_argument("--n-samples", type=int, default=None, help="samples per problem (default k)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--verifier", default="math", help="a registered verifier name")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--require-format", action="store_true", help="a response with a bad format scores 0")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`thinkvl eval`: evaluate, print a table, optionally write the files."""
+    from thinkvl.data.formats import read_records
+    from thinkvl.models.load import load
+
+    a = build_parser().parse_args(argv)
+    problems = read_records(a.data, kind="problem", limit=a.limit)
+    result = evaluate(
+        load(a.model), problems, verifier=a.verifier, k=a.k, max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature, greedy=not a.no_greedy, batch_size=a.batch_size, seed=a.seed,
+        require_format=a.require_format, n_samples=a.n_samples,
+    )
+    print(format_table(result))
+    if a.out:
+        print(f"wrote {write_eval(result, a.out)}")
+    return 0
