@@ -223,7 +223,7 @@ def read_records(
 def _reason(message: str) -> str:
     """A short skip reason from a DataError message, for the counts."""
     for key in ("malformed JSON", "unknown role", "missing image", "unreadable image", "no assistant turn",
-                "unknown part type", "missing reference answer", "expected"):
+                "unknown part type", "missing reference answer", "must end with a user turn", "expected"):
         if key in message:
             return key
     return "invalid"

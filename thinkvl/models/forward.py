@@ -34,6 +34,12 @@ def hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
     return out.last_hidden_state
 
 
+# Name under which train/distributed.shard registers `_token_logprobs` as an FSDP2 forward method of
+# the root module: this pass calls the base model and the LM head weight directly, never
+# `model.forward`, so without it the root's parameters (embeddings, LM head, norms) stay sharded.
+FSDP_FORWARD = "thinkvl_token_logprobs"
+
+
 def token_logprobs(
     model: PreTrainedModel,
     batch: dict[str, torch.Tensor],
@@ -42,6 +48,19 @@ def token_logprobs(
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(targets) [R, T] at target_mask positions (0 elsewhere); optionally the entropy too."""
+    fsdp_forward = getattr(model, FSDP_FORWARD, None)
+    if fsdp_forward is not None:
+        return fsdp_forward(batch, temperature, chunk_size, with_entropy)
+    return _token_logprobs(model, batch, temperature, chunk_size, with_entropy)
+
+
+def _token_logprobs(
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     h = hidden_states(model, batch)
     head = model.get_output_embeddings()
     mask = batch["target_mask"].to(h.device)

@@ -93,7 +93,13 @@ class RunDir:
         self._backends: list = []
         if d.main:
             self.path.mkdir(parents=True, exist_ok=True)
+            # One run's log file at a time: a later run in the same process (pipeline stages, tests)
+            # must not keep writing into earlier runs' train.log.
+            for h in [h for h in log.handlers if getattr(h, "thinkvl_run_log", False)]:
+                log.removeHandler(h)
+                h.close()
             handler = logging.FileHandler(self.path / "train.log")
+            handler.thinkvl_run_log = True
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
         log.setLevel(logging.INFO)

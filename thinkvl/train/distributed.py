@@ -8,6 +8,7 @@ loss meant to be a global sum over N tokens is scaled by world_size / N on every
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,14 @@ def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
         if name.endswith(("DecoderLayer", "EncoderLayer", "Block")) and module is not model:
             fully_shard(module)
     fully_shard(model)
+    # thinkvl's training forward (models/forward.token_logprobs) bypasses `model.forward`; register
+    # it as a forward method of the root so FSDP gathers the root's parameters around it.
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    from thinkvl.models.forward import FSDP_FORWARD, _token_logprobs
+
+    setattr(model, FSDP_FORWARD, types.MethodType(_token_logprobs, model))
+    register_fsdp_forward_method(model, FSDP_FORWARD)
     return model
 
 
@@ -77,7 +86,15 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied parameters (LM head = embeddings) come back as separate copies; share them again so
+    # save_pretrained writes a tied weight once, as it does from one process.
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first and name in sd:
+            sd[name] = sd[first[id(p)]]
+        first.setdefault(id(p), name)
+    return sd
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist) -> None:

@@ -268,14 +268,9 @@ def run_eval(model, loaded: Loaded, cfg: SFTConfig, eval_examples, eval_problems
     if eval_examples:
         out["eval/loss"] = eval_loss(model, eval_examples, loaded, max(s.max_length for s in cfg.stages))
     if eval_problems:
-        from thinkvl.eval.evaluate import evaluate
+        from thinkvl.eval.evaluate import greedy_metrics
 
-        model.eval()
-        res = evaluate(loaded, eval_problems, k=1, greedy=True, max_new_tokens=160)
-        model.train()
-        out["eval/accuracy"] = res.greedy_pass1
-        out["eval/format"] = res.format_rate
-        out["eval/response_length"] = res.mean_length
+        out.update(greedy_metrics(loaded, eval_problems, "math", max_new_tokens=256))
     return out
 
 
@@ -324,8 +319,10 @@ def train(cfg: SFTConfig) -> RunDir:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    groups = param_groups(model, cfg.model, cfg.stages[0].lr_peak, cfg.optim.weight_decay)
+    # Shard first: fully_shard replaces the parameters with sharded ones, and the optimiser must
+    # hold those (built from the old ones it would update orphans and the model would never move).
     model = D.shard(model, d)
+    groups = param_groups(model, cfg.model, cfg.stages[0].lr_peak, cfg.optim.weight_decay)
     optim = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), foreach=False)
 
     start = 0
