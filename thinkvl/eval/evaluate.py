@@ -100,6 +100,8 @@ class ProblemResult:
     has_image: bool
     difficulty: str  # the bucket label
     answer: str
+    question: str = ""  # the last user turn's text
+    image: str | None = None  # the first image's path, if any
     greedy_response: str | None = None
     extracted_answer: str | None = None
     score: float | None = None  # greedy response's score (0 when require_format and the format fails)
@@ -233,7 +235,8 @@ def evaluate(
         prompts.append(ex)
     results = [
         ProblemResult(id=str(p["id"]), task=str(p.get("task", "default")), has_image=has_image(p),
-                      difficulty=difficulty_bucket(p), answer=str(p["answer"]))
+                      difficulty=difficulty_bucket(p), answer=str(p["answer"]),
+                      question=_question(p), image=_first_image(p))
         for p in problems
     ]
     if greedy:
@@ -261,6 +264,30 @@ def evaluate(
         problems=results,
         settings=settings,
     )
+
+
+def _question(problem: dict) -> str:
+    content = problem["messages"][-1]["content"]
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+
+
+def _first_image(problem: dict) -> str | None:
+    for m in problem["messages"]:
+        if not isinstance(m["content"], str):
+            for p in m["content"]:
+                if p["type"] == "image":
+                    return str(p["image"])
+    return None
+
+
+def greedy_metrics(loaded: Loaded, problems: list[dict], verifier: str, max_new_tokens: int) -> dict[str, float]:
+    """Greedy accuracy, format compliance and response length, for logging inside training runs."""
+    was_training = loaded.model.training
+    loaded.model.eval()
+    res = evaluate(loaded, problems, verifier=verifier, k=0, max_new_tokens=max_new_tokens)
+    loaded.model.train(was_training)
+    o = res.overall
+    return {"eval/accuracy": o["greedy_pass@1"], "eval/format": o["format_ok"], "eval/response_length": o["mean_length"]}
 
 
 def write_eval(result: EvalResult, out_dir: str | Path) -> Path:

@@ -167,7 +167,24 @@ def load_summary(stage_dir: str | Path) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return flatten_eval_summary(data) if "overall" in data else data
+
+
+# thinkvl.eval names -> the report's names
+_EVAL_KEYS = {"greedy_pass@1": "greedy_pass1", "sampled_pass@1": "sampled_pass1", "pass@k": "pass_at_k",
+              "format_ok": "format_rate", "truncated": "truncated_frac"}
+
+
+def _rename(group: dict[str, Any]) -> dict[str, Any]:
+    return {_EVAL_KEYS.get(k, k): v for k, v in group.items()}
+
+
+def flatten_eval_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """An evaluator summary ({settings, overall, by_task, ...}) in the report's flat form."""
+    out = _rename(data["overall"])
+    out["k"] = (data.get("settings") or {}).get("k")
+    out["by_task"] = {t: _rename(g) for t, g in (data.get("by_task") or {}).items()}
+    return out
 
 
 # --- smoothing -------------------------------------------------------------------------------

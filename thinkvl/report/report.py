@@ -208,7 +208,14 @@ def before_after_stages(stages: Sequence[Stage]) -> tuple[Stage, Stage] | None:
 
 
 def _load_responses(stage_dir: Path) -> dict[str, Record]:
-    return {str(r["id"]): r for r in read_jsonl(stage_dir / RESPONSES_FILE) if "id" in r}
+    out = {}
+    for r in read_jsonl(stage_dir / RESPONSES_FILE):
+        if "id" in r:
+            # thinkvl.eval writes greedy_response / extracted_answer; the report reads response / extracted.
+            r.setdefault("response", r.get("greedy_response"))
+            r.setdefault("extracted", r.get("extracted_answer"))
+            out[str(r["id"])] = r
+    return out
 
 
 def is_correct(record: Mapping[str, Any]) -> bool:

@@ -1,0 +1,240 @@
+"""Long-CoT warm-up set: prompt a teacher for reasoning traces, keep only verified ones.
+
+For each problem, the teacher is asked (with prompt wrappers that elicit planning, evaluation,
+reflection and exploration) for k responses; a response is kept when the shared verifier accepts
+its final answer and it passes the format and length filters; near-duplicates are dropped; a
+selection policy (all / shortest / at most m per problem) picks what goes into the SFT set. The
+output is SFT-ready JSONL (the problem's own messages, without the eliciting wrapper, plus the
+trace as the assistant turn) and a stats file with every count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from tqdm import tqdm
+
+from thinkvl.config import ConfigError
+from thinkvl.data.formats import read_records, write_jsonl
+from thinkvl.rewards.verifiers import extract_answer, format_ok, get_verifier, safe_score
+
+log = logging.getLogger("thinkvl")
+
+BEHAVIOUR_PROMPT = (
+    "Think step by step inside <think> and </think> before answering. Plan first: outline how you "
+    "will solve the problem. Evaluate: check each intermediate result. Reflect: if a step looks "
+    "wrong, say so and repair it. Explore: when useful, try a second way and compare. After </think>, "
+    "give the final answer as \\boxed{...}."
+)
+
+
+class Teacher(Protocol):
+    def sample_batch(self, records: list[dict], n: int) -> list[list[str]]: ...
+
+
+@dataclass
+class TeacherConfig:
+    kind: Literal["program", "local", "remote"] = "program"  # program: the synthetic tasks' trace writer
+    model: str = ""  # local: a model folder; remote: the served model's name
+    base_url: str = ""  # remote: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "THINKVL_TEACHER_API_KEY"  # remote: env var holding the key
+    concurrency: int = 8
+    max_retries: int = 4
+    timeout_s: float = 120.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    cache: str | None = None  # remote: resumable sample cache (default: <out>.cache.jsonl)
+    mistake_rate: float = 0.25  # program: traces with a caught-and-repaired mistake
+    wrong_rate: float = 0.15  # program: traces with an uncaught mistake (rejection sampling drops them)
+    explore_rate: float = 0.4  # program: traces that also try a second way
+
+
+@dataclass
+class DistillConfig:
+    problems: str = ""  # problem file to build traces for (the RL prompt set)
+    out: str = "runs/distill/longcot.jsonl"  # SFT-ready output; stats go to <out>.stats.json
+    columns: dict = field(default_factory=dict)
+    limit: int | None = None
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    k: int = 4  # samples per problem
+    verifier: str = "math"  # accepts the final answer
+    require_format: bool = True  # keep only <think>...</think> then an answer
+    selection: Literal["all", "shortest", "max_per_problem"] = "max_per_problem"
+    max_per_problem: int = 2
+    min_chars: int = 20
+    max_chars: int = 8000
+    dedup_jaccard: float = 0.9  # drop a trace whose word-3-gram Jaccard with a kept one is above this
+    system_prompt: str = BEHAVIOUR_PROMPT  # wrapper shown to the teacher (not kept in the SFT set)
+    keep_system_prompt: bool = False  # also put the wrapper into the SFT conversations
+    seed: int = 0
+
+    def check(self, prefix: str) -> None:
+        if not self.problems:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}problems: a problem file is required")
+        if self.k < 1:
+            raise ConfigError("k: must be >= 1")
+
+
+def make_teacher(cfg: DistillConfig) -> Teacher:
+    t = cfg.teacher
+    if t.kind == "program":
+        from thinkvl.distill.program_teacher import ProgramTeacher
+
+        pt = ProgramTeacher(seed=cfg.seed, mistake_rate=t.mistake_rate, wrong_rate=t.wrong_rate,
+                            explore_rate=t.explore_rate)
+        return _PerRecord(pt)
+    if t.kind == "remote":
+        import os
+
+        from thinkvl.distill.remote import RemoteTeacher
+
+        if not t.base_url:
+            raise ConfigError("teacher.base_url: required for a remote teacher")
+        cache = Path(t.cache) if t.cache else Path(str(cfg.out) + ".cache.jsonl")
+        return RemoteTeacher(t.base_url, t.model, api_key=os.environ.get(t.api_key_env),
+                             concurrency=t.concurrency, max_retries=t.max_retries, timeout_s=t.timeout_s,
+                             cache_path=cache, temperature=t.temperature, top_p=t.top_p, max_tokens=t.max_tokens)
+    if not t.model:
+        raise ConfigError("teacher.model: required for a local teacher")
+    return _LocalTeacher(t, cfg.seed)
+
+
+class _PerRecord:
+    """Adapts a teacher with `sample(record, n)` to the batch interface."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def sample_batch(self, records: list[dict], n: int) -> list[list[str]]:
+        return [self.teacher.sample(r, n) for r in records]
+
+
+class _LocalTeacher:
+    """Any model thinkvl can load, sampled with the HF engine."""
+
+    def __init__(self, t: TeacherConfig, seed: int):
+        from thinkvl.models.load import load
+        from thinkvl.rollout.engine import SamplingParams
+        from thinkvl.rollout.hf_engine import HFEngine
+
+        self.loaded = load(t.model)
+        self.loaded.model.eval()
+        self.engine = HFEngine(self.loaded)
+        self.sampling = SamplingParams(max_new_tokens=t.max_tokens, temperature=t.temperature, top_p=t.top_p,
+                                       seed=seed)
+
+    def sample_batch(self, records: list[dict], n: int) -> list[list[str]]:
+        import torch
+
+        prompts = [self.loaded.render(r["messages"], add_generation_prompt=True) for r in records]
+        with torch.no_grad():
+            outs = self.engine.generate(prompts, n, self.sampling)
+        return [[r.response_text for r in group] for group in outs]
+
+
+def _with_wrapper(messages: list[dict], system_prompt: str) -> list[dict]:
+    if not system_prompt:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": system_prompt + "\n" + _text(messages[0])}] + messages[1:]
+    return [{"role": "system", "content": system_prompt}] + messages
+
+
+def _text(msg: dict) -> str:
+    c = msg["content"]
+    return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p["type"] == "text")
+
+
+def _ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))}
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / max(len(a | b), 1)
+
+
+def select(candidates: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list[str], Counter]:
+    """Filter one problem's (response, reference) samples; returns kept traces and rejection counts."""
+    reasons: Counter = Counter()
+    verifier = get_verifier(cfg.verifier)
+    ok: list[str] = []
+    for resp, ref in candidates:
+        if len(resp) < cfg.min_chars:
+            reasons["too_short"] += 1
+        elif len(resp) > cfg.max_chars:
+            reasons["too_long"] += 1
+        elif cfg.require_format and not format_ok(resp):
+            reasons["bad_format"] += 1
+        elif extract_answer(resp) is None:
+            reasons["no_answer"] += 1
+        elif safe_score(verifier, resp, ref) < 0.5:
+            reasons["wrong_answer"] += 1
+        else:
+            ok.append(resp)
+    kept: list[str] = []
+    grams: list[set] = []
+    for resp in sorted(ok, key=len) if cfg.selection != "all" else ok:
+        g = _ngrams(resp)
+        if any(_jaccard(g, h) > cfg.dedup_jaccard for h in grams):
+            reasons["near_duplicate"] += 1
+            continue
+        kept.append(resp)
+        grams.append(g)
+    limit = {"all": len(kept), "shortest": 1, "max_per_problem": cfg.max_per_problem}[cfg.selection]
+    reasons["over_selection_limit"] += max(len(kept) - limit, 0)
+    return kept[:limit], reasons
+
+
+def build(cfg: DistillConfig) -> Path:
+    """Build the warm-up set; returns the output path. Stats in <out>.stats.json."""
+    problems = read_records(cfg.problems, "problem", columns=cfg.columns, limit=cfg.limit)
+    teacher = make_teacher(cfg)
+    out_records: list[dict] = []
+    reasons: Counter = Counter()
+    per_problem: dict[str, float] = {}
+    tried = accepted = 0
+    lengths: list[int] = []
+    bar = tqdm(total=len(problems), desc="distill", dynamic_ncols=True)
+    batch = 16
+    for start in range(0, len(problems), batch):
+        chunk = problems[start : start + batch]
+        asked = [dict(p, messages=_with_wrapper(p["messages"], cfg.system_prompt)) for p in chunk]
+        samples = teacher.sample_batch(asked, cfg.k)
+        for prob, resps in zip(chunk, samples):
+            kept, why = select([(r, prob["answer"]) for r in resps], cfg)
+            n_ok = len(resps) - sum(v for kk, v in why.items() if kk not in ("near_duplicate", "over_selection_limit"))
+            per_problem[prob["id"]] = n_ok / max(len(resps), 1)
+            reasons.update(why)
+            tried += len(resps)
+            accepted += n_ok
+            msgs = _with_wrapper(prob["messages"], cfg.system_prompt) if cfg.keep_system_prompt else prob["messages"]
+            for resp in kept:
+                lengths.append(len(resp))
+                rec = {k: v for k, v in prob.items() if not k.startswith("_") and k != "messages"}
+                out_records.append(dict(rec, messages=msgs + [{"role": "assistant", "content": resp}]))
+        bar.update(len(chunk))
+        bar.set_postfix(accept=f"{accepted / max(tried, 1):.0%}", kept=len(out_records))
+    bar.close()
+    out = Path(cfg.out)
+    write_jsonl(out, out_records)
+    stats = {
+        "problems": len(problems), "samples": tried, "accepted": accepted,
+        "pass_rate": accepted / max(tried, 1), "kept": len(out_records),
+        "problems_with_a_kept_trace": len({r["id"] for r in out_records}),
+        "rejected": dict(reasons),
+        "length_chars": ({"mean": statistics.fmean(lengths), "median": statistics.median(lengths),
+                          "min": min(lengths), "max": max(lengths)} if lengths else {}),
+        "pass_rate_per_problem": per_problem,
+    }
+    Path(str(out) + ".stats.json").write_text(json.dumps(stats, indent=1))
+    log.info("distill: %d samples, %.0f%% verified, %d kept from %d problems -> %s",
+             tried, 100 * stats["pass_rate"], len(out_records), len(problems), out)
+    return out

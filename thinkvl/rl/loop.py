@@ -1,0 +1,389 @@
+"""RL by online policy mirror descent (Kimi k1.5, as reused by Kimi-VL).
+
+Iteration i, with the current policy pi_i as the reference:
+  1. sample    draw a batch of problems (curriculum and/or prioritized sampler)
+  2. generate  k responses each from pi_i, recording their token log-probs (these are log pi_i)
+  3. score     r_j = verifier(response, answer) in {0, 1}, plus w * k1.5 length reward
+  4. update    one or more optimiser steps on
+                 L = 1/B sum_j ( r_j - rbar_group - tau * (log pi_theta(y_j|x) - log pi_i(y_j|x)) )^2
+  5. pi_{i+1} := the updated policy (the next iteration's rollouts record its log-probs)
+Each phase is one call, timed and logged. Nothing here knows how generation is implemented.
+
+Loss aggregation: responses from all micro-batches and ranks of an iteration are normalised by the
+iteration's total response count B (times world size: FSDP averages gradients), so micro-batching
+and the number of processes do not change the update.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from thinkvl.config import ConfigError
+from thinkvl.data.formats import read_records
+from thinkvl.data.packing import bfd_pack, collate_rows
+from thinkvl.eval.evaluate import greedy_metrics
+from thinkvl.models.forward import token_logprobs
+from thinkvl.models.load import Loaded, load
+from thinkvl.rewards.length import group_length_rewards, length_weight
+from thinkvl.rewards.verifiers import format_ok, get_verifier, safe_score
+from thinkvl.rl.losses import LOSSES, get_loss, mirror_descent_stats
+from thinkvl.rl.samplers import SAMPLER_KINDS, build_sampler
+from thinkvl.rollout.engine import SamplingParams
+from thinkvl.rollout.hf_engine import HFEngine
+from thinkvl.rollout.types import Rollout
+from thinkvl.train import distributed as D
+from thinkvl.train.common import ModelConfig, RunDir, Timer, param_groups, set_lr
+
+log = logging.getLogger("thinkvl")
+
+
+@dataclass
+class RLDataConfig:
+    problems: str = ""  # problem file (messages + answer [+ difficulty]): JSONL / Parquet / datasets folder
+    columns: dict = field(default_factory=dict)  # column mapping for other layouts (problem/answer/images)
+    on_error: Literal["raise", "skip"] = "raise"
+    eval_problems: str | None = None  # held-out problems for greedy accuracy during training
+    eval_limit: int = 64
+    limit: int | None = None
+
+    def check(self, prefix: str) -> None:
+        if not self.problems:
+            raise ConfigError(f"{prefix}.problems: a problem file is required")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_iter: int = 16  # problems drawn per iteration (across all processes)
+    k: int = 8  # responses per problem (the group)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64  # sequences per generation batch
+
+
+@dataclass
+class LossConfig:
+    name: str = "mirror_descent"  # mirror_descent | grpo
+    tau: float = 0.1  # mirror descent: KL weight toward pi_i
+    clip_eps: float = 0.2  # grpo: ratio clip
+    updates_per_iter: int = 1  # optimiser steps per iteration, all against the same pi_i
+    responses_per_micro_batch: int = 64
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+
+    def check(self, prefix: str) -> None:
+        if self.name not in LOSSES:
+            raise ConfigError(f"{prefix}.name: {self.name!r} unknown; choose one of {', '.join(LOSSES)}")
+
+
+@dataclass
+class LengthPenaltyConfig:
+    weight: float = 0.0  # w in r + w * len_reward (k1.5); 0 = off
+    warmup_iters: int = 0  # no length penalty before this iteration
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "uniform"  # uniform | prioritized | curriculum | curriculum+prioritized
+    curriculum_iters: int = 0  # iterations over which the pool grows from easy to all
+    start_frac: float = 0.3  # the easiest fraction of problems available at the start
+    ema: float | None = None  # prioritized: success-rate EMA weight (None: running mean)
+
+    def check(self, prefix: str) -> None:
+        if self.kind not in SAMPLER_KINDS:
+            raise ConfigError(f"{prefix}.kind: {self.kind!r} unknown; choose one of {', '.join(SAMPLER_KINDS)}")
+
+
+@dataclass
+class GuardrailConfig:
+    max_truncated_frac: float = 0.9  # warn when more responses than this hit max_new_tokens
+    max_zero_var_frac: float = 0.95  # warn when more groups than this have identical rewards
+    patience: int = 3  # consecutive iterations before a warning becomes a stop (if stop=true)
+    stop: bool = False  # stop the run instead of only warning
+
+
+@dataclass
+class RLConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    verifier: str = "math"  # math | exact | numeric | think_math | format | module:function
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
+    iterations: int = 100
+    out_dir: str = "runs/rl"
+    seed: int = 0
+    eval_every: int = 0  # iterations between held-out evaluations (0: at the end only)
+    eval_max_new_tokens: int = 256
+    save_every: int = 0  # iterations between checkpoints (0: at the end only)
+    resume: bool = True
+    logging_backend: str = "none"
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+def score(rollouts: list[list[Rollout]], problems: list[dict], verifier, lp: LengthPenaltyConfig, it: int) -> None:
+    """Fill each rollout's correctness, length reward and total reward (in place)."""
+    w = length_weight(it, lp.weight, lp.warmup_iters)
+    for g, (group, prob) in enumerate(zip(rollouts, problems)):
+        for r in group:
+            r.group = g
+            r.correct = safe_score(verifier, r.response_text, prob["answer"])
+            r.format_ok = format_ok(r.response_text)
+        lens = group_length_rewards([r.length for r in group], [r.correct >= 0.5 for r in group], len(group))
+        for r, lr_ in zip(group, lens):
+            r.length_reward = lr_
+            r.reward = r.correct + w * lr_
+
+
+def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: float, capacity: int,
+                      with_entropy: bool = False):
+    """Current-policy log-probs of each response's tokens, from packed forward passes.
+
+    Returns logp [B, Tr] (and entropy [B, Tr]) padded with 0 beyond each response.
+    """
+    examples = [r.to_example() for r in flat]
+    t_max = max(r.length for r in flat)
+    logp_out = torch.zeros(len(flat), t_max)
+    ent_out = torch.zeros(len(flat), t_max)
+    rows = bfd_pack([len(e) for e in examples], max(capacity, max(len(e) for e in examples)))
+    pieces_lp, pieces_ent = [], []
+    for row in rows:
+        batch = collate_rows(examples, [row], loaded.pad_id, loaded.positions)
+        lp, ent = token_logprobs(model, batch, temperature=temperature, with_entropy=True)
+        off = 0
+        for i in row:
+            n_p, n_r = len(flat[i].prompt_ids), flat[i].length
+            # Target position t predicts token t+1: response tokens are predicted from P-1 .. P+R-2.
+            pieces_lp.append((i, lp[0, off + n_p - 1 : off + n_p - 1 + n_r]))
+            pieces_ent.append((i, ent[0, off + n_p - 1 : off + n_p - 1 + n_r].detach()))
+            off += len(examples[i])
+    logp = _scatter(pieces_lp, len(flat), t_max)
+    if with_entropy:
+        return logp, _scatter(pieces_ent, len(flat), t_max)
+    return logp
+
+
+def _scatter(pieces, b: int, t: int) -> torch.Tensor:
+    rows = [None] * b
+    for i, v in pieces:
+        rows[i] = torch.nn.functional.pad(v, (0, t - v.shape[0]))
+    return torch.stack(rows)
+
+
+def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLConfig, d: D.Dist,
+           loss_fn, n_global: int) -> dict[str, float]:
+    """One optimiser step over this rank's responses (whole groups per micro-batch)."""
+    per_mb = max(k, (cfg.loss.responses_per_micro_batch // k) * k)
+    total_loss, ent_sum, ent_n = 0.0, 0.0, 0
+    stats_acc: dict[str, float] = {}
+    for start in range(0, len(flat), per_mb):
+        mb = flat[start : start + per_mb]
+        logp, ent = response_logprobs(model, mb, loaded, cfg.rollout.temperature, 4096, with_entropy=True)
+        mask = torch.zeros_like(logp)
+        ref = torch.zeros_like(logp)
+        for i, r in enumerate(mb):
+            mask[i, : r.length] = 1.0
+            ref[i, : r.length] = torch.tensor(r.logprobs[: r.length])
+        rewards = torch.tensor([r.reward for r in mb])
+        loss = loss_fn(logp, ref, mask, rewards, k, normalizer=n_global / d.world)
+        loss.backward()
+        total_loss += float(loss.detach())
+        ent_sum += float((ent * mask).sum())
+        ent_n += int(mask.sum())
+        st = mirror_descent_stats(logp.detach(), ref, mask, rewards, k, cfg.loss.tau)
+        for key, v in st.items():
+            stats_acc[key] = stats_acc.get(key, 0.0) + v * len(mb)
+    gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                           cfg.loss.clip_grad if cfg.loss.clip_grad > 0 else float("inf"))
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    if not (math.isfinite(gnorm) and math.isfinite(total_loss)):
+        raise FloatingPointError(f"non-finite RL loss {total_loss} or grad norm {gnorm}")
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    out = {"loss": D.all_reduce_sum(total_loss, d) / d.world, "grad_norm": gnorm,
+           "entropy": D.all_reduce_sum(ent_sum, d) / max(D.all_reduce_sum(ent_n, d), 1)}
+    out["kl"] = stats_acc.get("log_ratio_mean", 0.0) / max(len(flat), 1)
+    return out
+
+
+def rollout_metrics(flat: list[Rollout], k: int) -> dict[str, float]:
+    lengths = [r.length for r in flat]
+    correct_lengths = [r.length for r in flat if r.correct >= 0.5]
+    groups = [flat[i : i + k] for i in range(0, len(flat), k)]
+    return {
+        "reward": statistics.fmean(r.reward for r in flat),
+        "reward/correct": statistics.fmean(r.correct for r in flat),
+        "reward/length": statistics.fmean(r.length_reward for r in flat),
+        "accuracy": statistics.fmean(float(r.correct >= 0.5) for r in flat),
+        "format_rate": statistics.fmean(float(r.format_ok) for r in flat),
+        "response_length/mean": statistics.fmean(lengths),
+        "response_length/max": max(lengths),
+        "response_length/correct_mean": statistics.fmean(correct_lengths) if correct_lengths else None,
+        "truncated_frac": statistics.fmean(float(r.truncated) for r in flat),
+        "zero_var_groups": statistics.fmean(float(len({r.reward for r in g}) == 1) for g in groups),
+    }
+
+
+class Guardrails:
+    """Warn loudly (or stop) when training has stopped making sense, with the reason."""
+
+    def __init__(self, cfg: GuardrailConfig):
+        self.cfg = cfg
+        self.streak: dict[str, int] = {}
+
+    def check(self, m: dict[str, float], it: int) -> None:
+        problems = {
+            "truncated": (m["truncated_frac"] > self.cfg.max_truncated_frac,
+                          f"{m['truncated_frac']:.0%} of responses hit max_new_tokens: the reward is stuck near 0; "
+                          "raise rollout.max_new_tokens or shorten the expected answers"),
+            "zero_var": (m["zero_var_groups"] > self.cfg.max_zero_var_frac,
+                         f"{m['zero_var_groups']:.0%} of groups have identical rewards: no learning signal; "
+                         "use harder/easier problems, a larger k, or prioritized sampling"),
+        }
+        for key, (bad, why) in problems.items():
+            self.streak[key] = self.streak.get(key, 0) + 1 if bad else 0
+            if bad:
+                log.warning("iteration %d: %s", it, why)
+                if self.cfg.stop and self.streak[key] >= self.cfg.patience:
+                    raise RuntimeError(f"stopped by guardrail at iteration {it}: {why}")
+
+
+def banned_tokens(loaded: Loaded) -> tuple[int, ...]:
+    """Token ids a policy must never emit: image/video placeholders (they crash the next forward)."""
+    tok = loaded.tokenizer
+    ids = {getattr(loaded.renderer, "image_token_id", None), getattr(loaded.processor, "video_token_id", None)}
+    for name in ("<|media_begin|>", "<|media_content|>", "<|media_end|>", "<|vision_start|>", "<|vision_end|>"):
+        t = tok.convert_tokens_to_ids(name)
+        if isinstance(t, int) and t != tok.unk_token_id:
+            ids.add(t)
+    ids.discard(None)
+    ids.discard(tok.pad_token_id if tok.pad_token_id != tok.eos_token_id else None)
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        ids.add(tok.pad_token_id)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def train(cfg: RLConfig) -> RunDir:
+    """Run policy-mirror-descent RL as configured; returns the run directory."""
+    d = D.setup()
+    run = RunDir(cfg.out_dir, d)
+    run.save_config(cfg)
+    run.add_backend(cfg.logging_backend)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    loaded = load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
+                  cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed)
+    model = loaded.model.to(d.device)
+    model.train()
+    verifier = get_verifier(cfg.verifier)
+    problems = read_records(cfg.data.problems, "problem", cfg.data.on_error, cfg.data.columns, cfg.data.limit)
+    eval_problems = (read_records(cfg.data.eval_problems, "problem", limit=cfg.data.eval_limit)
+                     if cfg.data.eval_problems else [])
+    prompts = [loaded.render(p["messages"], add_generation_prompt=True) for p in problems]
+    for p, ex in zip(problems, prompts):
+        ex.extra["id"] = p["id"]
+    sampler = build_sampler(cfg.sampler.kind, len(problems), cfg.seed,
+                            difficulties=[p.get("difficulty") for p in problems],
+                            curriculum_steps=cfg.sampler.curriculum_iters, start_frac=cfg.sampler.start_frac,
+                            ema=cfg.sampler.ema)
+    engine = HFEngine(loaded, batch_size=cfg.rollout.batch_size)
+    loss_fn = functools.partial(get_loss(cfg.loss.name),
+                                **({"tau": cfg.loss.tau} if cfg.loss.name == "mirror_descent"
+                                   else {"clip_eps": cfg.loss.clip_eps}))
+    model = D.shard(model, d)  # before the optimiser: fully_shard replaces the parameters
+    groups = param_groups(model, cfg.model, cfg.loss.lr, cfg.loss.weight_decay)
+    optim = torch.optim.AdamW(groups, betas=(0.9, 0.95), foreach=False)
+    set_lr(optim, cfg.loss.lr)
+
+    start = 0
+    ckpt = run.latest_checkpoint() if cfg.resume else None
+    if ckpt is not None:
+        state = run.load_checkpoint(ckpt, model, optim)
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+        run.truncate_metrics(start)
+        log.info("resumed from %s at iteration %d", ckpt, start)
+    if start == 0 and eval_problems:
+        run.log_metrics({"step": 0, **greedy_metrics(loaded, eval_problems, cfg.verifier, cfg.eval_max_new_tokens)})
+
+    guard = Guardrails(cfg.guardrails)
+    timer = Timer()
+    k = cfg.rollout.k
+    banned = banned_tokens(loaded)
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not d.main, desc="rl", dynamic_ncols=True)
+    for it in range(start, cfg.iterations):
+        with timer("sample"):
+            idx = sampler.sample(cfg.rollout.prompts_per_iter, it)
+            mine = idx[d.rank :: d.world]
+        sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                  top_p=cfg.rollout.top_p, seed=cfg.seed * 1_000_003 + it * 101 + d.rank,
+                                  banned_token_ids=banned)
+        model.eval()
+        t0 = time.perf_counter()
+        with timer("generate"), torch.no_grad():
+            rollouts = engine.generate([prompts[i] for i in mine], k, sampling)
+        gen_s = time.perf_counter() - t0
+        model.train()
+        with timer("score"):
+            score(rollouts, [problems[i] for i in mine], verifier, cfg.length_penalty, it)
+        flat = [r for g in rollouts for r in g]
+        n_global = int(D.all_reduce_sum(len(flat), d))
+        t1 = time.perf_counter()
+        with timer("update"):
+            for _ in range(cfg.loss.updates_per_iter):
+                upd = update(model, optim, flat, k, loaded, cfg, d, loss_fn, n_global)
+        train_s = time.perf_counter() - t1
+        with timer("sampler_update"):
+            rates = [statistics.fmean(r.correct for r in g) for g in rollouts]
+            all_idx, all_rates = _gather_lists(mine, rates, d)
+            sampler.update(all_idx, all_rates)
+        m = rollout_metrics(flat, k)
+        n_tok = sum(r.length for r in flat)
+        metrics = {"step": it + 1, **m, **upd, "lr": cfg.loss.lr,
+                   "length_weight": length_weight(it, cfg.length_penalty.weight, cfg.length_penalty.warmup_iters),
+                   "gen_tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1),
+                   "train_tokens_per_s": round(sum(len(r.prompt_ids) + r.length for r in flat)
+                                               * cfg.loss.updates_per_iter / max(train_s, 1e-9), 1),
+                   **{f"sampler/{kk}": v for kk, v in sampler.summary(it).items() if isinstance(v, (int, float))},
+                   **timer.pop()}
+        guard.check(m, it + 1)
+        done = it + 1
+        last = done == cfg.iterations
+        if eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+            metrics.update(greedy_metrics(loaded, eval_problems, cfg.verifier, cfg.eval_max_new_tokens))
+        run.log_metrics(metrics)
+        bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", len=f"{m['response_length/mean']:.0f}")
+        bar.update(1)
+        if (cfg.save_every and done % cfg.save_every == 0) or last:
+            run.save_checkpoint(done, model, optim, {"sampler": sampler.state_dict()})
+    bar.close()
+    run.export(loaded, model)
+    D.cleanup(d)
+    return run
+
+
+def _gather_lists(idx: list[int], rates: list[float], d: D.Dist) -> tuple[list[int], list[float]]:
+    """Every rank's (problem index, success rate) pairs, so all samplers stay identical."""
+    if not d.enabled:
+        return idx, rates
+    import torch.distributed as dist
+
+    out: list = [None] * d.world
+    dist.all_gather_object(out, list(zip(idx, rates)))
+    pairs = [p for part in out for p in part]
+    return [i for i, _ in pairs], [r for _, r in pairs]
