@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,15 +69,22 @@ class PipelineConfig:
             raise ConfigError("stages: stage names must be unique")
 
 
+# Top-level entries of a stage folder that are not its product: its marker, the run log (later stages'
+# lines land there too) and the report's plots. They change after the stage is done.
+NOT_CONTENT = ("stage.json", "train.log", "plots")
+
+
 def _fingerprint(path: Path) -> str:
-    """Cheap identity of an input: size + mtime of every file (recursively for folders)."""
+    """Cheap identity of an input: size + mtime (ns) of every file (recursively for folders, without
+    the NOT_CONTENT entries)."""
     if not path.exists():
         return "missing"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in NOT_CONTENT)
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -189,8 +197,13 @@ def run_pipeline(recipe: str | Path | PipelineConfig, overrides: list[str] | Non
             log.info("stage %s: done with the same config and inputs, skipped", spec.name)
             produced = prev.get("model")
         else:
-            if prev and prev.get("key") != key and prev.get("status") != "done":
-                log.info("stage %s: config or inputs changed since the interrupted run; starting it again", spec.name)
+            if prev and prev.get("key") != key and out.exists():
+                # Another config or other inputs: that run's checkpoints, metrics and outputs must go, or
+                # SFT/RL would resume from them and silently reproduce the old model. Only an interrupted
+                # run with the same key is continued.
+                log.info("stage %s: config or inputs changed since the last run; discarding it and starting again",
+                         spec.name)
+                shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"name": spec.name, "status": "running", "key": key, "resolved": resolved,
                                           "inputs": lineage, "started": time.time()}, indent=1, default=str))

@@ -10,12 +10,14 @@ Iteration i, with the current policy pi_i as the reference:
 Each phase is one call, timed and logged. Nothing here knows how generation is implemented.
 
 Loss aggregation: responses from all micro-batches and ranks of an iteration are normalised by the
-iteration's total response count B (times world size: FSDP averages gradients), so micro-batching
-and the number of processes do not change the update.
+iteration's total response count B (GRPO: its total response-token count), times world size since
+FSDP averages gradients, so micro-batching and the number of processes do not change the update.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -150,27 +152,27 @@ def score(rollouts: list[list[Rollout]], problems: list[dict], verifier, lp: Len
             r.reward = r.correct + w * lr_
 
 
-def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: float, capacity: int,
+def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: float,
                       with_entropy: bool = False):
-    """Current-policy log-probs of each response's tokens, from packed forward passes.
+    """Current-policy log-probs of each response's tokens, from one forward pass.
 
-    Returns logp [B, Tr] (and entropy [B, Tr]) padded with 0 beyond each response.
+    Responses are packed best-fit into rows as long as the longest one, so most rows hold one or two
+    sequences and attention does not pay for a long packed row (CPU attention kernels compute the
+    whole row, mask or not). Returns logp [B, Tr] (and entropy [B, Tr]), 0 beyond each response.
     """
     examples = [r.to_example() for r in flat]
     t_max = max(r.length for r in flat)
-    logp_out = torch.zeros(len(flat), t_max)
-    ent_out = torch.zeros(len(flat), t_max)
-    rows = bfd_pack([len(e) for e in examples], max(capacity, max(len(e) for e in examples)))
+    rows = bfd_pack([len(e) for e in examples], max(len(e) for e in examples))
+    batch = collate_rows(examples, rows, loaded.pad_id, loaded.positions)
+    lp, ent = token_logprobs(model, batch, temperature=temperature, with_entropy=True)
     pieces_lp, pieces_ent = [], []
-    for row in rows:
-        batch = collate_rows(examples, [row], loaded.pad_id, loaded.positions)
-        lp, ent = token_logprobs(model, batch, temperature=temperature, with_entropy=True)
+    for r_i, row in enumerate(rows):
         off = 0
         for i in row:
             n_p, n_r = len(flat[i].prompt_ids), flat[i].length
             # Target position t predicts token t+1: response tokens are predicted from P-1 .. P+R-2.
-            pieces_lp.append((i, lp[0, off + n_p - 1 : off + n_p - 1 + n_r]))
-            pieces_ent.append((i, ent[0, off + n_p - 1 : off + n_p - 1 + n_r].detach()))
+            pieces_lp.append((i, lp[r_i, off + n_p - 1 : off + n_p - 1 + n_r]))
+            pieces_ent.append((i, ent[r_i, off + n_p - 1 : off + n_p - 1 + n_r].detach()))
             off += len(examples[i])
     logp = _scatter(pieces_lp, len(flat), t_max)
     if with_entropy:
@@ -189,18 +191,21 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
            loss_fn, n_global: int) -> dict[str, float]:
     """One optimiser step over this rank's responses (whole groups per micro-batch)."""
     per_mb = max(k, (cfg.loss.responses_per_micro_batch // k) * k)
+    # Global count each loss divides by (losses.py): responses for mirror descent, response tokens for
+    # GRPO. FSDP averages gradients over ranks, hence / world.
+    n_norm = n_global if cfg.loss.name == "mirror_descent" else D.all_reduce_sum(sum(r.length for r in flat), d)
     total_loss, ent_sum, ent_n = 0.0, 0.0, 0
     stats_acc: dict[str, float] = {}
     for start in range(0, len(flat), per_mb):
         mb = flat[start : start + per_mb]
-        logp, ent = response_logprobs(model, mb, loaded, cfg.rollout.temperature, 4096, with_entropy=True)
+        logp, ent = response_logprobs(model, mb, loaded, cfg.rollout.temperature, with_entropy=True)
         mask = torch.zeros_like(logp)
         ref = torch.zeros_like(logp)
         for i, r in enumerate(mb):
             mask[i, : r.length] = 1.0
             ref[i, : r.length] = torch.tensor(r.logprobs[: r.length])
         rewards = torch.tensor([r.reward for r in mb])
-        loss = loss_fn(logp, ref, mask, rewards, k, normalizer=n_global / d.world)
+        loss = loss_fn(logp, ref, mask, rewards, k, normalizer=n_norm / d.world)
         loss.backward()
         total_loss += float(loss.detach())
         ent_sum += float((ent * mask).sum())
@@ -281,6 +286,10 @@ def banned_tokens(loaded: Loaded) -> tuple[int, ...]:
 def train(cfg: RLConfig) -> RunDir:
     """Run policy-mirror-descent RL as configured; returns the run directory."""
     d = D.setup()
+    if cfg.rollout.prompts_per_iter % d.world:
+        # equal shares keep the number of micro-batches, hence of FSDP collectives, equal on every rank
+        raise ConfigError(f"rollout.prompts_per_iter: {cfg.rollout.prompts_per_iter} must be a multiple of "
+                          f"the number of processes ({d.world})")
     run = RunDir(cfg.out_dir, d)
     run.save_config(cfg)
     run.add_backend(cfg.logging_backend)
@@ -301,7 +310,19 @@ def train(cfg: RLConfig) -> RunDir:
                             difficulties=[p.get("difficulty") for p in problems],
                             curriculum_steps=cfg.sampler.curriculum_iters, start_frac=cfg.sampler.start_frac,
                             ema=cfg.sampler.ema)
-    engine = HFEngine(loaded, batch_size=cfg.rollout.batch_size)
+    # Under FSDP2 every forward is a collective, but generation runs a different number of forwards on
+    # each rank (rows finish at different steps, chunk counts differ): rollouts and evals therefore come
+    # from an unsharded replica, refreshed from the trained weights before use.
+    gen = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)) if d.enabled else loaded
+    engine = HFEngine(gen, batch_size=cfg.rollout.batch_size)
+
+    @torch.no_grad()
+    def rollout_policy() -> Loaded:
+        if d.enabled:  # every rank all-gathers every tensor, in the same order
+            gen.model.load_state_dict({k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                                       for k, v in model.state_dict().items()})
+        return gen
+
     loss_fn = functools.partial(get_loss(cfg.loss.name),
                                 **({"tau": cfg.loss.tau} if cfg.loss.name == "mirror_descent"
                                    else {"clip_eps": cfg.loss.clip_eps}))
@@ -319,7 +340,8 @@ def train(cfg: RLConfig) -> RunDir:
         run.truncate_metrics(start)
         log.info("resumed from %s at iteration %d", ckpt, start)
     if start == 0 and eval_problems:
-        run.log_metrics({"step": 0, **greedy_metrics(loaded, eval_problems, cfg.verifier, cfg.eval_max_new_tokens)})
+        run.log_metrics({"step": 0, **greedy_metrics(rollout_policy(), eval_problems, cfg.verifier,
+                                                     cfg.eval_max_new_tokens)})
 
     guard = Guardrails(cfg.guardrails)
     timer = Timer()
@@ -336,6 +358,7 @@ def train(cfg: RLConfig) -> RunDir:
         model.eval()
         t0 = time.perf_counter()
         with timer("generate"), torch.no_grad():
+            rollout_policy()
             rollouts = engine.generate([prompts[i] for i in mine], k, sampling)
         gen_s = time.perf_counter() - t0
         model.train()
@@ -365,7 +388,7 @@ def train(cfg: RLConfig) -> RunDir:
         done = it + 1
         last = done == cfg.iterations
         if eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-            metrics.update(greedy_metrics(loaded, eval_problems, cfg.verifier, cfg.eval_max_new_tokens))
+            metrics.update(greedy_metrics(rollout_policy(), eval_problems, cfg.verifier, cfg.eval_max_new_tokens))
         run.log_metrics(metrics)
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", len=f"{m['response_length/mean']:.0f}")
         bar.update(1)

@@ -57,6 +57,7 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"  # bad records: stop with the file:line, or skip and count
     overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than the stage's max_length
     packing: bool = True  # pack examples into rows (False: one padded example per row)
+    pack_window: int = 1024  # examples packed together at a time (0: the whole epoch at once)
 
     def check(self, prefix: str) -> None:
         if not self.sources:
@@ -184,12 +185,23 @@ def _truncate(ex: Example, n: int, n_images: int) -> Example:
     return out
 
 
-def plan_rows(lengths: list[int], indices: list[int], capacity: int, packing: bool, seed: int) -> list[list[int]]:
-    """Rows of example indices for one epoch: BFD-packed (or one per row), in a seeded random order."""
-    if packing:
-        rows = [[indices[j] for j in r] for r in bfd_pack([lengths[i] for i in indices], capacity)]
-    else:
+def plan_rows(
+    lengths: list[int], indices: list[int], capacity: int, packing: bool, seed: int, window: int = 0
+) -> list[list[int]]:
+    """Rows of example indices for one epoch: BFD-packed (or one per row), in a seeded random order.
+
+    With `window` > 0 the (already shuffled) indices are packed `window` at a time: BFD over a whole
+    epoch sorts by length, so rows, and hence steps, would hold examples of correlated lengths
+    (and, in a mixture, correlated sources); packing within windows keeps steps representative.
+    """
+    if not packing:
         rows = [[i] for i in indices]
+    else:
+        span = window if window > 0 else max(len(indices), 1)
+        rows = []
+        for w in range(0, len(indices), span):
+            chunk = indices[w : w + span]
+            rows.extend([chunk[j] for j in r] for r in bfd_pack([lengths[i] for i in chunk], capacity))
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -308,7 +320,8 @@ def train(cfg: SFTConfig) -> RunDir:
         groups = [[i for i in range(len(examples)) if source_of[i] == k and i in usable]
                   for k in range(len(cfg.data.sources))]
         order = mix(groups, [src.weight * st.epochs for src in cfg.data.sources], seed=cfg.seed + s_i)
-        steps = split_steps(plan_rows(lengths, order, st.max_length, cfg.data.packing, cfg.seed + 1000 + s_i),
+        steps = split_steps(plan_rows(lengths, order, st.max_length, cfg.data.packing, cfg.seed + 1000 + s_i,
+                                      cfg.data.pack_window),
                             rows_per_step)
         plans.append((stage_ex, steps))
         segments.append(Segment(len(steps), st.lr_peak, st.lr_end, int(st.warmup_frac * len(steps))))

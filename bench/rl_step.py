@@ -1,0 +1,138 @@
+"""Benchmark 3: one RL step, k responses for each of P prompts, up to `max_new` new tokens.
+
+thinkvl: one policy-mirror-descent iteration as `thinkvl.rl.loop.train` runs it: `HFEngine.generate`
+(KV cache shared across a prompt's k samples, finished rows dropped, log-probs recorded) -> `score`
+(verifier + length reward) -> `update` (packed forward/backward, squared mirror-descent loss).
+TRL: `GRPOTrainer`, HF `model.generate` (no vLLM), beta = 0 (no reference model), one optimiser step
+per generation round. Same policy weights, prompts, sampling (temperature 1, no top-k/top-p),
+responses per micro-batch and learning rate. The policy is random, so nearly every response runs
+to max_new tokens in both: equal work.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+
+import torch
+
+from bench.common import set_threads
+from bench.data import rl_problems
+from bench.models import TEXT_SIZES, build_text_model, n_params, text_tokenizer, weights_checksum
+
+LR = 1e-5
+MICRO = 64  # responses per forward/backward
+
+
+def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, seed: int = 0) -> dict:
+    from thinkvl.models.load import wrap
+    from thinkvl.rewards.verifiers import get_verifier
+    from thinkvl.rl.loop import LossConfig, RLConfig, RolloutConfig, banned_tokens, score, update
+    from thinkvl.rl.losses import get_loss
+    from thinkvl.rollout.engine import SamplingParams
+    from thinkvl.rollout.hf_engine import HFEngine
+    from thinkvl.train import distributed as D
+
+    threads = set_threads()
+    tok = text_tokenizer()
+    model = build_text_model(TEXT_SIZES[size], tok, seed)
+    checksum = weights_checksum(model)
+    loaded = wrap(model, tok)
+    problems = rl_problems(max(prompts * steps, prompts), seed)
+    examples = [loaded.render(p["messages"], add_generation_prompt=True) for p in problems]
+    for p, ex in zip(problems, examples):
+        ex.extra["id"] = p["id"]
+    cfg = RLConfig(rollout=RolloutConfig(prompts_per_iter=prompts, k=k, max_new_tokens=max_new,
+                                         batch_size=prompts * k),
+                   loss=LossConfig(lr=LR, responses_per_micro_batch=MICRO))
+    d = D.setup("cpu")
+    engine = HFEngine(loaded, batch_size=prompts * k)
+    verifier = get_verifier(cfg.verifier)
+    loss_fn = functools.partial(get_loss("mirror_descent"), tau=cfg.loss.tau)
+    optim = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), foreach=False)  # as the loop
+    banned = banned_tokens(loaded)
+    out = {"gen_s": [], "score_s": [], "update_s": [], "step_s": [], "gen_tokens": []}
+    for it in range(steps):
+        batch = list(range(it * prompts, (it + 1) * prompts))
+        sampling = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed + it, banned_token_ids=banned)
+        t0 = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            rollouts = engine.generate([examples[i] for i in batch], k, sampling)
+        t1 = time.perf_counter()
+        model.train()
+        score(rollouts, [problems[i] for i in batch], verifier, cfg.length_penalty, it)
+        flat = [r for g in rollouts for r in g]
+        t2 = time.perf_counter()
+        update(model, optim, flat, k, loaded, cfg, d, loss_fn, len(flat))
+        t3 = time.perf_counter()
+        for key, v in (("gen_s", t1 - t0), ("score_s", t2 - t1), ("update_s", t3 - t2), ("step_s", t3 - t0)):
+            out[key].append(round(v, 3))
+        out["gen_tokens"].append(sum(r.length for r in flat))
+    return _summary("thinkvl", size, model, checksum, threads, out)
+
+
+def _summary(framework: str, size: str, model, checksum: float, threads: int, out: dict) -> dict:
+    last = -1  # the last step: with steps > 1 the first one is a warm-up
+    return {"framework": framework, "size": size, "params": n_params(model), "weights_checksum": checksum,
+            "threads": threads, **out, "step_seconds": out["step_s"][last], "gen_seconds": out["gen_s"][last],
+            "gen_tokens_per_s": round(out["gen_tokens"][last] / out["gen_s"][last], 1)}
+
+
+def run_trl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, seed: int = 0) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bench.trl_hooks import quiet, silence_libraries
+    from thinkvl.rewards.verifiers import get_verifier, safe_score
+
+    silence_libraries()
+    threads = set_threads()
+    tok = text_tokenizer()
+    model = build_text_model(TEXT_SIZES[size], tok, seed)
+    checksum = weights_checksum(model)
+    problems = rl_problems(max(prompts * steps, prompts), seed)
+    verifier = get_verifier("math")
+
+    def reward(completions, answer, **_):
+        return [safe_score(verifier, c[0]["content"], a) for c, a in zip(completions, answer)]
+
+    n = prompts * k
+    out = {"gen_s": [], "step_s": [], "gen_tokens": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, per_device_train_batch_size=min(MICRO, n), gradient_accumulation_steps=max(n // MICRO, 1),
+            num_generations=k, max_completion_length=max_new, temperature=1.0, top_p=1.0, top_k=0,
+            learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95,
+            max_grad_norm=1.0, beta=0.0, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
+            use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=False, fp16=False,
+            shuffle_dataset=False, gradient_checkpointing=False,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tok,
+                              train_dataset=Dataset.from_list([{"prompt": p["messages"], "answer": p["answer"]}
+                                                               for p in problems]))
+        quiet(trainer)
+        generate = trainer._generate
+
+        def timed_generate(*a, **kw):
+            t = time.perf_counter()
+            res = generate(*a, **kw)
+            out["gen_s"].append(round(time.perf_counter() - t, 3))
+            return res
+
+        trainer._generate = timed_generate
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                out["step_s"].append(round(time.perf_counter() - self.t, 3))
+
+        trainer.add_callback(Clock())
+        trainer.train()
+        lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    out["gen_tokens"] = [round(x * n) for x in lengths]
+    return _summary("trl", size, model, checksum, threads, out)

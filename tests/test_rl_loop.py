@@ -1,0 +1,407 @@
+"""The RL loop (policy mirror descent): a short run that must learn, resume == uninterrupted, each
+phase against hand-computed values, guardrails, banned tokens, and 1 vs 2 processes on one update.
+
+The toy task: problems "Say 7." whose reference answer is "7", scored by a user verifier given as
+"module:function" (1 if the response contains the reference). A random tiny model emits "7"
+somewhere in 8 tokens a few percent of the time; RL has to make it (nearly) always do so.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import KIMI_SMALL
+from safetensors.torch import load_file
+
+from thinkvl.models.load import load
+from thinkvl.models.tiny import Kimi_K25ForConditionalGeneration, build_processor, build_tokenizer, tiny_config
+from thinkvl.rl.loop import (
+    GuardrailConfig,
+    Guardrails,
+    LengthPenaltyConfig,
+    RLConfig,
+    banned_tokens,
+    response_logprobs,
+    score,
+    train,
+    update,
+)
+from thinkvl.rl.losses import get_loss
+from thinkvl.rollout.engine import SamplingParams
+from thinkvl.rollout.hf_engine import HFEngine
+from thinkvl.rollout.types import Rollout
+from thinkvl.train import distributed as D
+from thinkvl.train.common import param_groups
+
+torch.set_num_threads(1)
+
+TOY_TEXTS = ["Say 7.", "7", "Say the number 7.", "The answer is 7.", "Please say 7.", "What is 7?"]
+QUESTIONS = ["Say 7.", "Say the number 7.", "Please say 7.", "What is 7?",
+             "Say 7 now.", "Say 7 please.", "Answer 7.", "Write 7."]
+VERIFIER_MODULE = "thinkvl_toy_verifier_rl"
+VERIFIER = f"{VERIFIER_MODULE}:contains_reference"
+VERIFIER_SRC = '''
+def contains_reference(response: str, reference: str) -> float:
+    """1 if the reference string occurs in the response (never for an empty reference)."""
+    return 1.0 if reference and reference in response else 0.0
+'''
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    """A tiny Kimi model with a tokenizer trained on a few texts, 8 problems, and the verifier module."""
+    root = tmp_path_factory.mktemp("toy_rl")
+    tok = build_tokenizer(TOY_TEXTS, vocab_size=300)
+    processor = build_processor(tok, max_side=112)
+    torch.manual_seed(0)
+    model = Kimi_K25ForConditionalGeneration(tiny_config(tok, **KIMI_SMALL))
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    problems = root / "problems.jsonl"
+    problems.write_text("".join(
+        json.dumps({"id": f"say7-{i}", "messages": [{"role": "user", "content": q}], "answer": "7"}) + "\n"
+        for i, q in enumerate(QUESTIONS)))
+    (root / f"{VERIFIER_MODULE}.py").write_text(VERIFIER_SRC)
+    sys.path.insert(0, str(root))
+    yield {"root": root, "model": model_dir, "problems": problems}
+    sys.path.remove(str(root))
+    sys.modules.pop(VERIFIER_MODULE, None)
+
+
+def rl_config(toy: dict, out_dir: Path, **overrides) -> RLConfig:
+    """4 prompts x 8 responses of at most 8 tokens per iteration, mirror descent."""
+    cfg = RLConfig()
+    cfg.model.path = str(toy["model"])
+    cfg.data.problems = str(toy["problems"])
+    cfg.verifier = VERIFIER
+    cfg.rollout.prompts_per_iter = 4
+    cfg.rollout.k = 8
+    cfg.rollout.max_new_tokens = 8
+    cfg.loss.name = "mirror_descent"
+    cfg.loss.tau = 0.1
+    cfg.loss.lr = 1e-2
+    cfg.iterations = 15
+    cfg.out_dir = str(out_dir)
+    for key, value in overrides.items():
+        obj = cfg
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+# --- a short run that must learn ---------------------------------------------------------------
+
+
+def test_short_run_raises_reward(toy, tmp_path):
+    run = train(rl_config(toy, tmp_path / "run"))
+    rewards = [m["reward"] for m in metrics(run.path)]
+    print("reward per iteration:", [round(r, 2) for r in rewards])
+    assert len(rewards) == 15
+    first, last = statistics.fmean(rewards[:3]), statistics.fmean(rewards[-3:])
+    assert first < 0.3  # the random model rarely says 7 ...
+    assert last > 0.8 and last - first > 0.5  # ... and RL teaches it to
+    assert (run.final_dir / "model.safetensors").is_file()
+
+
+# --- resume equals uninterrupted -----------------------------------------------------------
+
+
+RESUME_KEYS = ("reward", "accuracy", "loss", "grad_norm", "entropy", "kl", "length_weight", "zero_var_groups",
+               "sampler/success_mean", "sampler/seen_frac")
+
+
+def test_resume_equals_uninterrupted(toy, tmp_path):
+    # Prioritized sampling over 8 problems, 2 per iteration: which problems come next depends on the
+    # sampler's RNG and success statistics, so those must be restored, as must the optimiser state.
+    over = {"iterations": 6, "save_every": 2, "rollout.prompts_per_iter": 2, "rollout.k": 4,
+            "sampler.kind": "prioritized", "loss.updates_per_iter": 2, "loss.tau": 0.5,
+            "length_penalty.weight": 0.2, "length_penalty.warmup_iters": 2}
+    full = train(rl_config(toy, tmp_path / "full", **over)).path
+    part = tmp_path / "part"
+    train(rl_config(toy, part, **dict(over, iterations=3)))  # "interrupted" after iteration 3
+    train(rl_config(toy, part, **over))  # same out_dir: resumes from checkpoints/step-3
+    assert "resumed from" in (part / "train.log").read_text()
+
+    m_full, m_part = metrics(full), metrics(part)
+    assert [m["step"] for m in m_full] == [m["step"] for m in m_part] == [1, 2, 3, 4, 5, 6]  # no duplicates
+    for a, b in zip(m_full, m_part):
+        assert {k: a[k] for k in RESUME_KEYS} == {k: b[k] for k in RESUME_KEYS}, a["step"]
+    assert any(m["sampler/seen_frac"] < 1 for m in m_full)  # the sampler really had choices to make
+    w_full = load_file(full / "final" / "model.safetensors")
+    w_part = load_file(part / "final" / "model.safetensors")
+    assert w_full.keys() == w_part.keys()
+    assert all(torch.equal(w_full[k], w_part[k]) for k in w_full)
+    w0 = load_file(toy["model"] / "model.safetensors")
+    assert any(not torch.equal(w0[k], w_full[k]) for k in w0)  # and the runs did train
+
+
+# --- phases ---------------------------------------------------------------------------------
+
+
+def _rollout(text: str, length: int) -> Rollout:
+    return Rollout(prompt_id="p", prompt_ids=[1, 2], response_ids=[9] * length, response_text=text,
+                   logprobs=[-1.0] * length, length=length)
+
+
+def test_score_fills_correctness_and_k15_length_reward():
+    verifier = lambda response, reference: float(reference in response)  # noqa: E731
+    lp = LengthPenaltyConfig(weight=0.2, warmup_iters=3)
+
+    def groups():
+        # lengths 2, 4, 6, 10 (min 2, max 10): lambda = 0.5 - (len - 2) / 8 = 0.5, 0.25, 0.0, -0.5
+        g0 = [_rollout("7", 2), _rollout("six", 4), _rollout("x 7 x", 6), _rollout("no", 10)]
+        g1 = [_rollout("7", 5), _rollout("8", 5), _rollout("7", 5), _rollout("9", 5)]  # equal lengths: lambda 0
+        return [g0, g1]
+
+    problems = [{"answer": "7"}, {"answer": "7"}]
+    before = groups()
+    score(before, problems, verifier, lp, it=2)  # still warming up: weight 0
+    after = groups()
+    score(after, problems, verifier, lp, it=3)  # from iteration 3 on: weight 0.2
+
+    for rollouts in (before, after):
+        assert [r.correct for r in rollouts[0]] == [1.0, 0.0, 1.0, 0.0]
+        assert [r.correct for r in rollouts[1]] == [1.0, 0.0, 1.0, 0.0]
+        # correct: lambda; wrong: min(0, lambda)
+        assert [r.length_reward for r in rollouts[0]] == pytest.approx([0.5, 0.0, 0.0, -0.5])
+        assert [r.length_reward for r in rollouts[1]] == [0.0, 0.0, 0.0, 0.0]
+        assert [r.group for r in rollouts[0]] == [0] * 4 and [r.group for r in rollouts[1]] == [1] * 4
+    assert [r.reward for r in before[0]] == [1.0, 0.0, 1.0, 0.0]
+    assert [r.reward for r in after[0]] == pytest.approx([1.0 + 0.2 * 0.5, 0.0, 1.0, -0.2 * 0.5])
+    assert [r.reward for r in after[1]] == [1.0, 0.0, 1.0, 0.0]
+
+
+def _hand_loss(logp: torch.Tensor, flat: list[Rollout], k: int, tau: float) -> tuple[float, float, float]:
+    """(mirror-descent loss, mean (r - rbar)^2, mean d_j) written out from the recorded log-probs."""
+    residuals, adv_sq, log_ratios = [], [], []
+    for g in range(0, len(flat), k):
+        group = flat[g : g + k]
+        rbar = sum(r.reward for r in group) / k
+        for j, r in enumerate(group):
+            seq_theta = float(logp[g + j, : r.length].double().sum())
+            seq_ref = sum(r.logprobs)  # log pi_i(y|x), recorded at sampling time
+            d = seq_theta - seq_ref
+            residuals.append((r.reward - rbar - tau * d) ** 2)
+            adv_sq.append((r.reward - rbar) ** 2)
+            log_ratios.append(d)
+    n = len(flat)
+    return sum(residuals) / n, sum(adv_sq) / n, sum(log_ratios) / n
+
+
+def test_update_loss_is_mirror_descent_from_recorded_logprobs(toy):
+    loaded = load(str(toy["model"]))
+    k, tau = 4, 0.5
+    prompts = [loaded.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS[:3]]
+    with torch.no_grad():
+        groups = HFEngine(loaded, batch_size=64).generate(prompts, k, SamplingParams(max_new_tokens=6, seed=7))
+    flat = [r for g in groups for r in g]
+    for i, r in enumerate(flat):
+        r.reward = [1.0, 0.0, 0.0, 1.1, 0.0, 0.0, 0.0, 0.0, 0.3, 1.0, -0.1, 0.0][i]  # group 1: zero variance
+    # 3 micro-batches of one group each: the step still normalises by all 12 responses
+    cfg = RLConfig()
+    cfg.loss.tau, cfg.rollout.k, cfg.loss.responses_per_micro_batch, cfg.loss.clip_grad = tau, k, 4, 0.0
+    model = loaded.model
+    model.train()
+    optim = torch.optim.AdamW(param_groups(model, cfg.model, 1e-2, 0.0), betas=(0.9, 0.95), foreach=False)
+    loss_fn = functools.partial(get_loss("mirror_descent"), tau=tau)
+    d = D.Dist()
+
+    with torch.no_grad():
+        logp0 = response_logprobs(model, flat, loaded, 1.0)
+    expected0, adv_sq, ratio0 = _hand_loss(logp0, flat, k, tau)
+    out0 = update(model, optim, flat, k, loaded, cfg, d, loss_fn, n_global=len(flat))
+    print("step 1:", out0, "hand:", expected0, "mean adv^2:", adv_sq)
+    # First step: pi_theta = pi_i, so log pi_theta - log pi_i = 0 up to float noise and L = mean (r - rbar)^2.
+    assert abs(ratio0) < 1e-4 and abs(out0["kl"]) < 1e-4
+    assert out0["loss"] == pytest.approx(expected0, rel=1e-6)
+    assert out0["loss"] == pytest.approx(adv_sq, abs=1e-4)
+
+    with torch.no_grad():
+        logp1 = response_logprobs(model, flat, loaded, 1.0)
+    expected1, _, ratio1 = _hand_loss(logp1, flat, k, tau)
+    out1 = update(model, optim, flat, k, loaded, cfg, d, loss_fn, n_global=len(flat))
+    print("step 2:", out1, "hand:", expected1)
+    # Second step against the same pi_i: the log-ratio term now matters, and is taken from the recorded log-probs.
+    assert abs(expected1 - adv_sq) > 1e-3
+    assert out1["loss"] == pytest.approx(expected1, rel=1e-5)
+    assert out1["kl"] == pytest.approx(ratio1, rel=1e-4, abs=1e-6)
+
+
+def test_update_grpo_normalises_by_response_tokens(toy):
+    # GRPO's loss is a token mean (losses.grpo_loss); across micro-batches the step must divide by the
+    # global token count. Lengths differ within groups, else the first-step loss would be 0 anyway.
+    loaded = load(str(toy["model"]))
+    k = 4
+    prompts = [loaded.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS[:2]]
+    with torch.no_grad():
+        groups = HFEngine(loaded, batch_size=64).generate(prompts, k, SamplingParams(max_new_tokens=6, seed=3))
+    flat = [r for g in groups for r in g]
+    for r, n, reward in zip(flat, [1, 3, 5, 6, 2, 6, 4, 6], [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]):
+        n = min(n, r.length)
+        r.response_ids, r.logprobs, r.length, r.reward = r.response_ids[:n], r.logprobs[:n], n, reward
+    cfg = RLConfig()
+    cfg.loss.name, cfg.rollout.k, cfg.loss.responses_per_micro_batch, cfg.loss.clip_grad = "grpo", k, 4, 0.0
+    model = loaded.model
+    model.train()
+    optim = torch.optim.SGD(param_groups(model, cfg.model, 1e-2, 0.0))
+    loss_fn = functools.partial(get_loss("grpo"), clip_eps=0.2)
+    out = update(model, optim, flat, k, loaded, cfg, D.Dist(), loss_fn, n_global=len(flat))
+    # first step: every ratio is 1, so L = -(1/N_tokens) sum_b A_b * len_b, A = (r - rbar) / (std + 1e-4)
+    total = 0.0
+    for g in range(0, len(flat), k):
+        rs = [r.reward for r in flat[g : g + k]]
+        mean = sum(rs) / k
+        std = (sum((x - mean) ** 2 for x in rs) / k) ** 0.5
+        total += sum((r.reward - mean) / (std + 1e-4) * r.length for r in flat[g : g + k])
+    n_tokens = sum(r.length for r in flat)
+    print("grpo loss", out["loss"], "hand", -total / n_tokens, "lengths", [r.length for r in flat])
+    assert abs(total) > 0.5
+    assert out["loss"] == pytest.approx(-total / n_tokens, rel=1e-4)
+
+
+def test_guardrails_warn_then_stop_with_the_reason(caplog):
+    guard = Guardrails(GuardrailConfig(max_truncated_frac=0.5, max_zero_var_frac=0.6, patience=2, stop=True))
+    ok = {"truncated_frac": 0.5, "zero_var_groups": 0.6}  # at the thresholds: fine
+    truncated = {"truncated_frac": 0.75, "zero_var_groups": 0.0}
+    with caplog.at_level(logging.WARNING, logger="thinkvl"):
+        guard.check(ok, 1)
+        assert not caplog.records
+        guard.check(truncated, 2)  # first bad iteration: a warning, no stop yet
+        assert "75% of responses hit max_new_tokens" in caplog.text and "iteration 2" in caplog.text
+        guard.check(ok, 3)  # the streak resets
+        guard.check(truncated, 4)
+        stop = r"stopped by guardrail at iteration 5: 75% of responses hit max_new_tokens"
+        with pytest.raises(RuntimeError, match=stop):
+            guard.check(truncated, 5)
+
+    caplog.clear()
+    guard = Guardrails(GuardrailConfig(max_zero_var_frac=0.6, patience=3, stop=True))
+    zero_var = {"truncated_frac": 0.0, "zero_var_groups": 1.0}
+    with caplog.at_level(logging.WARNING, logger="thinkvl"):
+        guard.check(zero_var, 1)
+        guard.check(zero_var, 2)
+        assert caplog.text.count("100% of groups have identical rewards: no learning signal") == 2
+        with pytest.raises(RuntimeError, match="iteration 3: 100% of groups have identical rewards"):
+            guard.check(zero_var, 3)
+
+    guard = Guardrails(GuardrailConfig(max_zero_var_frac=0.6, patience=1, stop=False))  # warn only
+    for it in range(5):
+        guard.check(zero_var, it)
+
+
+def test_guardrail_stops_a_run(toy, tmp_path):
+    # Every response hits max_new_tokens=2; stop after 2 such iterations, with the reason.
+    cfg = rl_config(toy, tmp_path / "stop", iterations=5, **{"rollout.max_new_tokens": 2, "rollout.k": 2,
+                                                            "guardrails.max_truncated_frac": 0.5,
+                                                            "guardrails.patience": 2, "guardrails.stop": True})
+    with pytest.raises(RuntimeError, match="stopped by guardrail at iteration 2: .* hit max_new_tokens"):
+        train(cfg)
+
+
+def test_banned_tokens_hold_the_media_placeholders(toy):
+    loaded = load(str(toy["model"]))
+    tok = loaded.tokenizer
+    banned = banned_tokens(loaded)
+    image = tok.convert_tokens_to_ids("<|media_pad|>")
+    assert image == loaded.model.config.image_token_id and image in banned
+    assert loaded.model.config.video_token_id in banned
+    assert tok.eos_token_id not in banned  # the policy must still be able to stop
+    assert tok.convert_tokens_to_ids("7") not in banned
+
+
+# --- 1 process vs 2 -------------------------------------------------------------------------
+
+
+def torchrun(*args: str, timeout: int = 240, pythonpath: Path | None = None) -> None:
+    """tests/_dist_rl.py in 2 CPU processes (gloo); a hang fails after `timeout` seconds."""
+    script = Path(__file__).with_name("_dist_rl.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), str(script), *args],
+            capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parent.parent,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-process run still going after {timeout} s (a collective mismatch hangs): "
+                    f"{str(e.stderr)[-3000:]}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+
+def test_two_processes_update_equals_one(toy, tmp_path):
+    """The same fixed batch: 1 process (all 4 prompts, one micro-batch) vs torchrun with 2 gloo
+    processes under FSDP2 (2 prompts each). Loss, grad norm and the updated weights must agree."""
+    from _dist_rl import run_update
+
+    out = tmp_path / "two.json"
+    torchrun("update", str(toy["model"]), str(out))
+    two = json.loads(out.read_text())
+    w2 = torch.load(str(out) + ".pt", weights_only=True)
+
+    one, w1 = run_update(str(toy["model"]))
+    print("1 process:", one, "\n2 processes:", two)
+    assert (one["world"], two["world"]) == (1, 2) and one["n_global"] == two["n_global"] == 16
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    assert two["entropy"] == pytest.approx(one["entropy"], rel=1e-5)
+    assert w1.keys() == w2.keys()
+    init = load(str(toy["model"])).model.state_dict()
+    assert init.keys() == w1.keys()
+    moved = min(max(float((w[k] - init[k]).abs().max()) for k in init) for w in (w1, w2))
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    checksum = [sum(float(w[k].double().sum()) for k in sorted(w)) for w in (w1, w2)]
+    print(f"moved {moved:.2e}, max |1-proc - 2-proc| {worst:.2e}, checksums {checksum}")
+    assert moved > 1e-2 > worst * 1000  # both updates moved the weights, and moved them alike
+    assert checksum[0] == pytest.approx(checksum[1], rel=1e-6)
+
+
+def test_two_process_train_with_uneven_generation(toy, tmp_path):
+    """`train` under torchrun (FSDP2, gloo) when the ranks' rollouts end at different steps.
+
+    Half the vocabulary is made a stop token, so responses end after 1-8 tokens and each rank's
+    generation runs a different number of forward passes. The policy must not be the sharded model
+    during generation (each of its forwards is a collective: the ranks would wait on each other
+    forever); the update's forward count must not depend on this rank's lengths either."""
+    model = tmp_path / "model"
+    shutil.copytree(toy["model"], model)
+    gen_cfg = json.loads((model / "generation_config.json").read_text())
+    vocab = json.loads((model / "config.json").read_text())["text_config"]["vocab_size"]
+    gen_cfg["eos_token_id"] = [gen_cfg["eos_token_id"], *range(20, vocab, 2)]
+    (model / "generation_config.json").write_text(json.dumps(gen_cfg))
+    out = tmp_path / "run"
+    torchrun("train", str(model), str(toy["problems"]), str(out), VERIFIER, timeout=180, pythonpath=toy["root"])
+    lines = metrics(out)
+    print([(m["step"], m["reward"], m["response_length/mean"], m["loss"]) for m in lines])
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(1 <= m["response_length/mean"] < 7 for m in lines)  # the responses did end early
+    assert all(m["loss"] > 1e-3 for m in lines)  # length rewards differ within groups: a real update
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    w0 = load_file(toy["model"] / "model.safetensors")
+    w1 = load_file(out / "final" / "model.safetensors")
+    assert w0.keys() == w1.keys() and max(float((w0[k] - w1[k]).abs().max()) for k in w0) > 1e-3
