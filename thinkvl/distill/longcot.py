@@ -189,7 +189,8 @@ def select(candidates: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list[
         kept.append(resp)
         grams.append(g)
     limit = {"all": len(kept), "shortest": 1, "max_per_problem": cfg.max_per_problem}[cfg.selection]
-    reasons["over_selection_limit"] += max(len(kept) - limit, 0)
+    if len(kept) > limit:
+        reasons["over_selection_limit"] += len(kept) - limit
     return kept[:limit], reasons
 
 

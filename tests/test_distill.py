@@ -1,0 +1,108 @@
+"""The long-CoT builder: rejection sampling keeps exactly the verified samples; filters count what
+they drop; a remote-teacher build resumes from its cache without paying twice."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from thinkvl.data.formats import read_records
+from thinkvl.data.synthetic import synth
+from thinkvl.distill.longcot import DistillConfig, TeacherConfig, build, select
+from thinkvl.distill.openai_server import ServerFaults, serve, stop
+from thinkvl.rewards.verifiers import format_ok, math_verifier
+
+GOOD = "<think>\nPlan: add.\n3 + 4 = 7.\nCheck: 7 - 4 = 3.\n</think>\nThe answer is \\boxed{7}."
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distill_data")
+    return synth(out, seed=3, n_sft=7, n_rl=36, n_eval=6)["rl"]
+
+
+def test_select_keeps_exactly_verified_and_counts_reasons():
+    cfg = DistillConfig(problems="x", selection="all", min_chars=10)
+    candidates = [
+        (GOOD, "7"),                                                    # kept
+        (GOOD.replace("{7}", "{8}"), "7"),                             # wrong answer
+        ("The answer is \\boxed{7}.", "7"),                            # no think block
+        ("<think>\nhm\n</think>\nno answer here at all", "7"),        # no answer: fails the format
+        ("short", "7"),                                                 # too short
+        (GOOD, "7"),                                                    # exact duplicate
+    ]
+    kept, why = select(candidates, cfg)
+    assert kept == [GOOD]
+    assert dict(why) == {"wrong_answer": 1, "bad_format": 2, "too_short": 1, "near_duplicate": 1}
+    # Without the format requirement an answer-less response is counted as such.
+    _, why = select([("just some words and no final answer", "7")], DistillConfig(problems="x", require_format=False))
+    assert dict(why) == {"no_answer": 1}
+
+
+def test_select_policies():
+    longer = GOOD.replace("Plan: add.", "Plan: add the two numbers, then check by subtracting.")
+    cands = [(longer, "7"), (GOOD, "7")]
+    assert select(cands, DistillConfig(problems="x", selection="shortest", dedup_jaccard=1.0))[0] == [GOOD]
+    kept, why = select(cands, DistillConfig(problems="x", selection="max_per_problem", max_per_problem=1,
+                                            dedup_jaccard=1.0))
+    assert kept == [GOOD] and why["over_selection_limit"] == 1
+
+
+def test_program_teacher_build_keeps_only_verified(problems, tmp_path):
+    out = tmp_path / "longcot.jsonl"
+    cfg = DistillConfig(problems=str(problems), out=str(out), k=4, selection="all", dedup_jaccard=1.01,
+                        teacher=TeacherConfig(kind="program", wrong_rate=0.5, mistake_rate=0.3))
+    build(cfg)
+    stats = json.loads(Path(str(out) + ".stats.json").read_text())
+    recs = read_records(out, "conversation")
+    probs = {p["id"]: p for p in read_records(problems, "problem")}
+    assert stats["samples"] == 4 * len(probs)
+    # Half the traces carry an uncaught mistake: some are rejected, and every kept one verifies.
+    assert stats["rejected"]["wrong_answer"] > 0
+    assert len(recs) == stats["accepted"] == stats["kept"]
+    for r in recs:
+        trace = r["messages"][-1]["content"]
+        assert format_ok(trace) and math_verifier(trace, probs[r["id"]]["answer"]) == 1.0
+        # The eliciting wrapper is not part of the SFT conversation.
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+
+
+def test_remote_build_resumes_without_paying_twice(problems, tmp_path):
+    from thinkvl.distill.program_teacher import ProgramTeacher
+
+    teacher = ProgramTeacher(seed=1, wrong_rate=0.2)
+    by_question = {}
+    for p in read_records(problems, "problem"):
+        text = p["messages"][-1]["content"]
+        text = text if isinstance(text, str) else " ".join(x["text"] for x in text if x["type"] == "text")
+        by_question[text] = p
+    rng = random.Random(0)
+
+    def generate(messages, n, temperature, max_tokens):
+        content = messages[-1]["content"]
+        text = content if isinstance(content, str) else " ".join(x["text"] for x in content if x["type"] == "text")
+        return teacher.sample(by_question[text], n + rng.randrange(3))[:n]
+
+    faults = ServerFaults()
+    server, thread, url = serve(generate, faults=faults)
+    try:
+        out = tmp_path / "remote.jsonl"
+        cfg = DistillConfig(problems=str(problems), out=str(out), k=2, limit=10,
+                            teacher=TeacherConfig(kind="remote", base_url=url, model="thinkvl-tiny",
+                                                  concurrency=4, timeout_s=10.0))
+        build(cfg)
+        first = out.read_text()
+        asked = faults.requests
+        assert asked == 20
+        # Interrupted build: drop half the cache; the rerun asks only for the missing samples.
+        cache = Path(str(out) + ".cache.jsonl")
+        lines = cache.read_text().splitlines(keepends=True)
+        cache.write_text("".join(lines[:12]) + lines[12][: len(lines[12]) // 2])
+        build(cfg)
+        assert faults.requests - asked == 8
+        assert out.read_text() == first
+    finally:
+        stop(server, thread)
