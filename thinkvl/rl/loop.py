@@ -41,7 +41,7 @@ from thinkvl.rewards.verifiers import format_ok, get_verifier, safe_score
 from thinkvl.rl.losses import LOSSES, get_loss, mirror_descent_stats
 from thinkvl.rl.samplers import SAMPLER_KINDS, build_sampler
 from thinkvl.rollout.engine import SamplingParams
-from thinkvl.rollout.hf_engine import HFEngine
+from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
 from thinkvl.rollout.types import Rollout
 from thinkvl.train import distributed as D
 from thinkvl.train.common import ModelConfig, RunDir, Timer, param_groups, set_lr
@@ -269,18 +269,17 @@ class Guardrails:
 
 
 def banned_tokens(loaded: Loaded) -> tuple[int, ...]:
-    """Token ids a policy must never emit: image/video placeholders (they crash the next forward)."""
+    """Token ids a policy must never emit: the image/video placeholders (a sampled one crashes the
+    next forward pass), the media markers around them, and a pad token distinct from EOS."""
     tok = loaded.tokenizer
-    ids = {getattr(loaded.renderer, "image_token_id", None), getattr(loaded.processor, "video_token_id", None)}
+    ids = set(media_token_ids(loaded))
     for name in ("<|media_begin|>", "<|media_content|>", "<|media_end|>", "<|vision_start|>", "<|vision_end|>"):
         t = tok.convert_tokens_to_ids(name)
         if isinstance(t, int) and t != tok.unk_token_id:
             ids.add(t)
-    ids.discard(None)
-    ids.discard(tok.pad_token_id if tok.pad_token_id != tok.eos_token_id else None)
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
         ids.add(tok.pad_token_id)
-    return tuple(sorted(i for i in ids if i is not None))
+    return tuple(sorted(ids))
 
 
 def train(cfg: RLConfig) -> RunDir:
