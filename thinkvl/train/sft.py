@@ -213,8 +213,8 @@ def split_steps(rows: list[list[int]], rows_per_step: int) -> list[list[list[int
 # --- training ---------------------------------------------------------------------------------
 
 
-def micro_batches(step_rows: list[list[int]], d: D.Dist, rows_per_mb: int, grad_accum: int) -> list[list[list[int]]]:
-    """This rank's micro-batches of a step; every rank gets the same count (empty ones = None-rows)."""
+def micro_batches(step_rows: list[list[int]], d: D.Dist, rows_per_mb: int) -> list[list[list[int]]]:
+    """This rank's micro-batches of a step; every rank gets the same count (a short rank gets empty ones)."""
     mine = step_rows[d.rank :: d.world]
     mbs = [mine[i : i + rows_per_mb] for i in range(0, len(mine), rows_per_mb)]
     n_max = math.ceil(math.ceil(len(step_rows) / d.world) / rows_per_mb)
@@ -231,7 +231,7 @@ def sft_step(
     n_tok = sum(len(examples[i]) for r in step_rows for i in r)
     local_sum, local_slots = 0.0, 0
     autocast = cfg.optim.autocast == "bf16"
-    for mb in micro_batches(step_rows, d, cfg.optim.rows_per_micro_batch, cfg.optim.grad_accum):
+    for mb in micro_batches(step_rows, d, cfg.optim.rows_per_micro_batch):
         rows = mb or [step_rows[0][:1]]  # filler: any real row, loss-free
         batch = collate_rows(examples, rows, loaded.pad_id, loaded.positions)
         if not mb:
