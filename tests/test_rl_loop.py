@@ -32,6 +32,7 @@ from thinkvl.rl.loop import (
     LengthPenaltyConfig,
     RLConfig,
     banned_tokens,
+    check_no_banned,
     response_logprobs,
     score,
     train,
@@ -331,6 +332,19 @@ def test_banned_tokens_hold_the_media_placeholders(toy):
     assert loaded.model.config.video_token_id in banned
     assert tok.eos_token_id not in banned  # the policy must still be able to stop
     assert tok.convert_tokens_to_ids("7") not in banned
+
+
+def test_a_placeholder_in_a_response_stops_with_the_reason(toy):
+    loaded = load(str(toy["model"]))
+    banned = banned_tokens(loaded)
+    image = loaded.model.config.image_token_id
+    seven = loaded.tokenizer.convert_tokens_to_ids("7")
+    ok = Rollout(prompt_id="p1", prompt_ids=[1, 2], response_ids=[seven, seven], response_text="", length=2)
+    check_no_banned([ok], banned)  # nothing banned: no error
+    bad = Rollout(prompt_id="p2", prompt_ids=[1, 2], response_ids=[seven, image], response_text="", length=2,
+                  sample_index=3)
+    with pytest.raises(RuntimeError, match=rf"problem p2 \(sample 3\).*\[{image}\].*image-feature count"):
+        check_no_banned([ok, bad], banned)
 
 
 # --- 1 process vs 2 -------------------------------------------------------------------------

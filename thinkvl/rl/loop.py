@@ -282,6 +282,22 @@ def banned_tokens(loaded: Loaded) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def check_no_banned(flat: list[Rollout], banned: tuple[int, ...]) -> None:
+    """Stop with the reason if a response holds a banned (image placeholder) token.
+
+    The engine never samples them, but a custom engine might; the next forward pass would then fail
+    deep inside transformers with "Image features and image tokens do not match".
+    """
+    bad = set(banned)
+    for r in flat:
+        hit = bad.intersection(r.response_ids)
+        if hit:
+            raise RuntimeError(
+                f"response to problem {r.prompt_id} (sample {r.sample_index}) contains banned token ids "
+                f"{sorted(hit)} (image/video placeholders or pad): its image-feature count would not match; "
+                "the generation engine must honour SamplingParams.banned_token_ids")
+
+
 def train(cfg: RLConfig) -> RunDir:
     """Run policy-mirror-descent RL as configured; returns the run directory."""
     d = D.setup()
@@ -364,6 +380,7 @@ def train(cfg: RLConfig) -> RunDir:
         with timer("score"):
             score(rollouts, [problems[i] for i in mine], verifier, cfg.length_penalty, it)
         flat = [r for g in rollouts for r in g]
+        check_no_banned(flat, banned)
         n_global = int(D.all_reduce_sum(len(flat), d))
         t1 = time.perf_counter()
         with timer("update"):
