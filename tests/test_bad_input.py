@@ -146,12 +146,19 @@ def test_config_bad_choice_names_allowed_values():
     ("optim.grad_accum=1.5", "optim.grad_accum: expected an integer, got 1.5"),
     ("data.packing=maybe", "data.packing: expected true or false, got 'maybe'"),
     ("optim.weight_decay=[1]", "optim.weight_decay: expected a number, got [1]"),
+    ("optim.weight_decay=lots", "optim.weight_decay: expected a number, got 'lots'"),
     ("stages=3", "stages: expected a list, got int 3"),
 ])
 def test_config_wrong_type(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(SFTConfig, overrides=[override])
     assert str(e.value) == message
+
+
+def test_config_number_without_a_dot_is_a_number():
+    # YAML 1.1 reads 5e-5 as a string; a learning rate written that way must still work.
+    cfg = load_config(SFTConfig, overrides=["stages=[{lr_peak: 5e-5}]", "optim.weight_decay=1e-2"])
+    assert cfg.stages[0].lr_peak == 5e-5 and cfg.optim.weight_decay == 0.01
 
 
 def test_config_nested_list_item_key():
