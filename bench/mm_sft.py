@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import StepClock, set_threads, throughput
+from bench.common import set_threads, throughput
 from bench.data import mm_conversations, mm_trl_rows
 from bench.models import build_kimi, build_qwen_vl, n_params, qwen_vl_processor, weights_checksum
-from bench.text_sft import HP, N_HELDOUT, heldout_loss
+from bench.text_sft import HP, N_HELDOUT, heldout_loss, thinkvl_steps
 
 
 def _model(model_name: str, toy: bool, seed: int):
@@ -48,7 +48,7 @@ def run_thinkvl(model_name: str, n_conv: int, capacity: int, rows_per_step: int,
                 toy: bool = False, seed: int = 0) -> dict:
     from thinkvl.models.load import wrap
     from thinkvl.train import distributed as D
-    from thinkvl.train.sft import OptimConfig, SFTConfig, grad_norm_and_clip, plan_rows, sft_step, split_steps
+    from thinkvl.train.sft import OptimConfig, SFTConfig, plan_rows, split_steps
 
     threads = set_threads()
     model, processor = _model(model_name, toy, seed)
@@ -67,19 +67,8 @@ def run_thinkvl(model_name: str, n_conv: int, capacity: int, rows_per_step: int,
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=HP["lr"], betas=HP["betas"],
                               weight_decay=HP["weight_decay"], foreach=False)
-    clock = StepClock()
-    tokens, sup, slots, losses, n_ex = [], [], [], [], []
-    for step_rows in plan[:steps]:
-        m = sft_step(model, examples, step_rows, loaded, cfg, d)
-        grad_norm_and_clip(model, HP["clip"])
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        clock.tick()
-        tokens.append(m["tokens"])
-        sup.append(m["supervised_tokens"])
-        slots.append(round(m["tokens"] / m["packing_efficiency"]))
-        losses.append(m["loss"])
-        n_ex.append(sum(len(r) for r in step_rows))
+    clock, tokens, sup, slots, losses = thinkvl_steps(model, optim, examples, plan[:steps], loaded, cfg, d)
+    n_ex = [sum(len(r) for r in step_rows) for step_rows in plan[:steps]]
     return {"framework": "thinkvl", "model": model_name, "params": n_params(model), "weights_checksum": checksum,
             "threads": threads, "setup_s": round(setup_s, 2), "rows": len(rows), "examples": len(idx),
             "examples_per_row": round(len(idx) / len(rows), 2), "examples_per_step": n_ex,

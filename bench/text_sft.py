@@ -44,11 +44,30 @@ def _heldout_text(loaded, seed: int, capacity: int):
     return [loaded.render(c) for c in _data(tok, N_HELDOUT, seed + 1000, capacity)]
 
 
+def thinkvl_steps(model, optim, examples, plan, loaded, cfg, d) -> tuple:
+    """thinkvl's SFT steps over a plan: (clock, tokens, supervised, slots, losses) per step."""
+    from thinkvl.train.sft import grad_norm_and_clip, sft_step
+
+    clock = StepClock()
+    tokens, sup, slots, losses = [], [], [], []
+    for step_rows in plan:
+        m = sft_step(model, examples, step_rows, loaded, cfg, d)
+        grad_norm_and_clip(model, cfg.optim.clip_grad)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        clock.tick()
+        tokens.append(m["tokens"])
+        sup.append(m["supervised_tokens"])
+        slots.append(round(m["tokens"] / m["packing_efficiency"]))
+        losses.append(m["loss"])
+    return clock, tokens, sup, slots, losses
+
+
 def run_thinkvl(size: str, n_conv: int, capacity: int, rows_per_step: int, steps: int, seed: int = 0) -> dict:
     from thinkvl.models.load import wrap
     from thinkvl.train import distributed as D
-    from thinkvl.train.sft import (DataConfig, OptimConfig, SFTConfig, SourceConfig, fit_length,
-                                   grad_norm_and_clip, load_mixture, plan_rows, sft_step, split_steps)
+    from thinkvl.train.sft import (DataConfig, OptimConfig, SFTConfig, SourceConfig, fit_length, load_mixture,
+                                   plan_rows, split_steps)
 
     threads = set_threads()
     tok = text_tokenizer()
@@ -70,18 +89,7 @@ def run_thinkvl(size: str, n_conv: int, capacity: int, rows_per_step: int, steps
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=HP["lr"], betas=HP["betas"],
                               weight_decay=HP["weight_decay"], foreach=False)  # as thinkvl.train.sft.train
-    clock = StepClock()
-    tokens, sup, slots, losses = [], [], [], []
-    for step_rows in plan[:steps]:
-        m = sft_step(model, examples, step_rows, loaded, cfg, d)
-        grad_norm_and_clip(model, HP["clip"])
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        clock.tick()
-        tokens.append(m["tokens"])
-        sup.append(m["supervised_tokens"])
-        slots.append(round(m["tokens"] / m["packing_efficiency"]))
-        losses.append(m["loss"])
+    clock, tokens, sup, slots, losses = thinkvl_steps(model, optim, examples, plan[:steps], loaded, cfg, d)
     return {"framework": "thinkvl", "size": size, "params": n_params(model), "weights_checksum": checksum,
             "threads": threads, "setup_s": round(setup_s, 2), "rows": len(rows), "examples": len(idx),
             "losses": [round(x, 4) for x in losses], **throughput(clock, tokens, sup, slots),
