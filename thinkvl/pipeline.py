@@ -187,8 +187,9 @@ def run_pipeline(recipe: str | Path | PipelineConfig, overrides: list[str] | Non
         out = ctx.stage_dir(i, spec)
         ctx.inputs = []
         cfg_obj = None if spec.kind == "synth" else _stage_config(spec, ctx, out)
-        resolved = {"kind": spec.kind, "args": spec.args, "config": to_dict(cfg_obj), "eval": spec.eval,
-                    "seed": cfg.seed}
+        # The held-out eval settings belong to the key of the stages they evaluate.
+        resolved = {"kind": spec.kind, "args": spec.args, "config": to_dict(cfg_obj),
+                    "eval": to_dict(cfg.eval) if spec.eval else False, "seed": cfg.seed}
         lineage = {p: _fingerprint(Path(p)) for p in sorted(set(ctx.inputs))}
         key = hashlib.sha256(json.dumps([resolved, lineage], sort_keys=True, default=str).encode()).hexdigest()[:16]
         marker = out / "stage.json"
