@@ -19,7 +19,7 @@ import torch
 from bench.common import set_threads, throughput
 from bench.data import mm_conversations, mm_trl_rows
 from bench.models import build_kimi, build_qwen_vl, n_params, qwen_vl_processor, weights_checksum
-from bench.text_sft import HP, N_HELDOUT, heldout_loss, thinkvl_steps
+from bench.text_sft import HP, N_HELDOUT, heldout_loss, thinkvl_steps, trl_common_args
 
 
 def _model(model_name: str, toy: bool, seed: int):
@@ -101,10 +101,7 @@ def run_trl(model_name: str, n_conv: int, capacity: int, batch: int, steps: int,
         args = TRLSFTConfig(
             output_dir=tmp, max_length=None, packing=False, completion_only_loss=True,
             per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
-            learning_rate=HP["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=HP["weight_decay"],
-            adam_beta1=HP["betas"][0], adam_beta2=HP["betas"][1], max_grad_norm=HP["clip"],
-            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-            dataloader_num_workers=0, disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            **trl_common_args(seed),
         )
         counter = BatchCounter()
         cb = ClockCallback(counter)

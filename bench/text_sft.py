@@ -44,6 +44,16 @@ def _heldout_text(loaded, seed: int, capacity: int):
     return [loaded.render(c) for c in _data(tok, N_HELDOUT, seed + 1000, capacity)]
 
 
+def trl_common_args(seed: int) -> dict:
+    """TRL SFTConfig settings every SFT benchmark shares: thinkvl's optimiser, no schedule, fp32,
+    no gradient checkpointing (TRL's default would run every forward twice)."""
+    return dict(learning_rate=HP["lr"], lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=HP["weight_decay"], adam_beta1=HP["betas"][0], adam_beta2=HP["betas"][1],
+                max_grad_norm=HP["clip"], logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=False, fp16=False,
+                gradient_checkpointing=False)
+
+
 def thinkvl_steps(model, optim, examples, plan, loaded, cfg, d) -> tuple:
     """thinkvl's SFT steps over a plan: (clock, tokens, supervised, slots, losses) per step."""
     from thinkvl.train.sft import grad_norm_and_clip, sft_step
@@ -119,10 +129,7 @@ def run_trl(size: str, n_conv: int, capacity: int, rows_per_step: int, steps: in
             output_dir=tmp, max_length=capacity, packing=True, packing_strategy="bfd", padding_free=True,
             completion_only_loss=True, per_device_train_batch_size=per_device,
             gradient_accumulation_steps=rows_per_step // per_device, max_steps=steps,
-            learning_rate=HP["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=HP["weight_decay"],
-            adam_beta1=HP["betas"][0], adam_beta2=HP["betas"][1], max_grad_norm=HP["clip"],
-            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-            dataloader_num_workers=0, disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            **trl_common_args(seed),
         )
         counter = BatchCounter()
         cb = ClockCallback(counter)
