@@ -145,3 +145,14 @@ def set_threads() -> int:
     n = choose_threads()
     torch.set_num_threads(n)
     return n
+
+
+def thinkvl_defaults(model) -> str:
+    """Give a model built by hand the attention thinkvl's `load` would give it (its default
+    `model.attn_implementation`), so the thinkvl side is measured as shipped. Returns the name."""
+    from thinkvl.models.attention import set_attention
+    from thinkvl.train.common import ModelConfig
+
+    name = ModelConfig().attn_implementation
+    set_attention(model, name)
+    return name

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import set_threads, throughput
+from bench.common import set_threads, thinkvl_defaults, throughput
 from bench.data import mm_conversations, mm_trl_rows
 from bench.models import build_kimi, build_qwen_vl, n_params, qwen_vl_processor, weights_checksum
 from bench.text_sft import HP, N_HELDOUT, heldout_loss, thinkvl_steps, trl_common_args
@@ -54,6 +54,7 @@ def run_thinkvl(model_name: str, n_conv: int, capacity: int, rows_per_step: int,
     model, processor = _model(model_name, toy, seed)
     checksum = weights_checksum(model)
     loaded = wrap(model, processor)
+    attention = thinkvl_defaults(model)  # after the checksum: same weights as TRL's
     with tempfile.TemporaryDirectory() as tmp:
         jsonl = mm_conversations(Path(tmp), n_conv, seed)
         held = _heldout(loaded, tmp, seed, capacity)
@@ -70,7 +71,8 @@ def run_thinkvl(model_name: str, n_conv: int, capacity: int, rows_per_step: int,
     clock, tokens, sup, slots, losses = thinkvl_steps(model, optim, examples, plan[:steps], loaded, cfg, d)
     n_ex = [sum(len(r) for r in step_rows) for step_rows in plan[:steps]]
     return {"framework": "thinkvl", "model": model_name, "params": n_params(model), "weights_checksum": checksum,
-            "threads": threads, "setup_s": round(setup_s, 2), "rows": len(rows), "examples": len(idx),
+            "threads": threads, "attention": attention, "setup_s": round(setup_s, 2), "rows": len(rows),
+            "examples": len(idx),
             "examples_per_row": round(len(idx) / len(rows), 2), "examples_per_step": n_ex,
             "losses": [round(x, 4) for x in losses], **throughput(clock, tokens, sup, slots),
             "heldout_loss": heldout_loss(model, loaded, held, capacity)}

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.common import set_threads
+from bench.common import set_threads, thinkvl_defaults
 from bench.data import rl_problems
 from bench.models import TEXT_SIZES, build_text_model, n_params, text_tokenizer, weights_checksum
 
@@ -39,6 +39,7 @@ def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, s
     model = build_text_model(TEXT_SIZES[size], tok, seed)
     checksum = weights_checksum(model)
     loaded = wrap(model, tok)
+    attention = thinkvl_defaults(model)
     problems = rl_problems(max(prompts * steps, prompts), seed)
     examples = [loaded.render(p["messages"], add_generation_prompt=True) for p in problems]
     for p, ex in zip(problems, examples):
@@ -52,7 +53,7 @@ def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, s
     loss_fn = functools.partial(get_loss("mirror_descent"), tau=cfg.loss.tau)
     optim = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), foreach=False)  # as the loop
     banned = banned_tokens(loaded)
-    out = {"gen_s": [], "score_s": [], "update_s": [], "step_s": [], "gen_tokens": []}
+    out = {"gen_s": [], "score_s": [], "update_s": [], "step_s": [], "gen_tokens": [], "attention": attention}
     for it in range(steps):
         batch = list(range(it * prompts, (it + 1) * prompts))
         sampling = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed + it, banned_token_ids=banned)

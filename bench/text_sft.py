@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import StepClock, set_threads, throughput
+from bench.common import StepClock, set_threads, thinkvl_defaults, throughput
 from bench.data import as_prompt_completion, text_conversations, write_jsonl
 from bench.models import TEXT_SIZES, build_text_model, n_params, text_tokenizer, weights_checksum
 
@@ -87,6 +87,7 @@ def run_thinkvl(size: str, n_conv: int, capacity: int, rows_per_step: int, steps
     with tempfile.TemporaryDirectory() as tmp:
         path = write_jsonl(Path(tmp) / "text.jsonl", [{"messages": c} for c in convs])
         loaded = wrap(model, tok)
+        attention = thinkvl_defaults(model)
         data = DataConfig(sources=[SourceConfig(path=str(path))])
         examples, _, _ = load_mixture(data, loaded)
     examples, idx, _ = fit_length(examples, capacity, "drop", None)
@@ -101,7 +102,7 @@ def run_thinkvl(size: str, n_conv: int, capacity: int, rows_per_step: int, steps
                               weight_decay=HP["weight_decay"], foreach=False)  # as thinkvl.train.sft.train
     clock, tokens, sup, slots, losses = thinkvl_steps(model, optim, examples, plan[:steps], loaded, cfg, d)
     return {"framework": "thinkvl", "size": size, "params": n_params(model), "weights_checksum": checksum,
-            "threads": threads, "setup_s": round(setup_s, 2), "rows": len(rows), "examples": len(idx),
+            "threads": threads, "attention": attention, "setup_s": round(setup_s, 2), "rows": len(rows), "examples": len(idx),
             "losses": [round(x, 4) for x in losses], **throughput(clock, tokens, sup, slots),
             "heldout_loss": heldout_loss(model, loaded, _heldout_text(loaded, seed, capacity), capacity)}
 

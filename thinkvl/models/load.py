@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from thinkvl.data.chat import ChatRenderer, Example
+from thinkvl.models.attention import set_attention
 
 TINY = "tiny"
 
@@ -74,11 +75,15 @@ def load(
     name_or_path: str,
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = "varlen",
     chat_template: str | None = None,
     seed: int = 0,
 ) -> Loaded:
-    """Load a model and its processor by name (`tiny`), local folder or cached hub id."""
+    """Load a model and its processor by name (`tiny`), local folder or cached hub id.
+
+    attn_implementation: the language model's attention (`thinkvl.models.attention.CHOICES`);
+    `varlen` (default) is SDPA run per packed example, None keeps what the checkpoint says.
+    """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name_or_path == TINY:
         from thinkvl.models.tiny import build_tiny
@@ -92,13 +97,15 @@ def load(
         is_vlm = _is_vlm(config)
         kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
-            kw["attn_implementation"] = attn_implementation
+            kw["attn_implementation"] = "sdpa" if attn_implementation == "varlen" else attn_implementation
         if is_vlm:
             model = AutoModelForImageTextToText.from_pretrained(src, **kw)
             processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(src, **kw)
             processor = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        set_attention(model, attn_implementation)
     return wrap(model, processor, chat_template=chat_template)
 
 

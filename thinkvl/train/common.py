@@ -29,7 +29,9 @@ class ModelConfig:
     path: str = "tiny"  # `tiny` (built in), a local folder, or a hub id already in the HF cache
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype
     trust_remote_code: bool = False  # run code shipped with a checkpoint (off unless you trust it)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # LM attention: varlen (SDPA per packed example: exact, no cross-example work) | sdpa | eager |
+    # flash_attention_2 | flash_attention_3 | flex_attention
+    attn_implementation: str = "varlen"
     chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
     freeze_vision: bool = False  # vision encoder frozen
     freeze_projector: bool = False  # vision-to-text MLP projector frozen
@@ -41,6 +43,11 @@ class ModelConfig:
     seed: int = 0  # initialisation seed of the built-in tiny model
 
     def check(self, prefix: str) -> None:
+        from thinkvl.models.attention import CHOICES
+
+        if self.attn_implementation not in CHOICES:
+            raise ConfigError(f"{prefix}.attn_implementation: {self.attn_implementation!r} is not one of "
+                             f"{', '.join(CHOICES)}")
         for part in PART_NAMES:
             if getattr(self, f"lr_mult_{part}") < 0:
                 raise ConfigError(f"{prefix}.lr_mult_{part}: must be >= 0")
