@@ -58,6 +58,33 @@ def test_values_and_gradients_match_naive(chunk_size: int, temperature: float) -
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprob_only_paths_match_naive(temperature: float) -> None:
+    """The cheaper paths: no entropy at all, entropy returned but unused (its backward is skipped),
+    and entropy alone (the log-prob's gradient is None)."""
+    hidden, weight, bias, targets = _inputs()
+    w_lp = torch.randn(B, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lp_ref, en_ref = _naive(hidden, weight, bias, targets, temperature)
+    want_lp = torch.autograd.grad((lp_ref * w_lp).sum(), (hidden, weight, bias), retain_graph=True)
+    want_en = torch.autograd.grad((en_ref * w_lp).sum(), (hidden, weight, bias))
+
+    lp = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=4, temperature=temperature, bias=bias)
+    torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-12)
+    got = torch.autograd.grad((lp * w_lp).sum(), (hidden, weight, bias))
+    lp2, en2 = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, temperature=temperature,
+                                          bias=bias, with_entropy=False)
+    assert not en2.requires_grad and float(en2.abs().max()) == 0.0
+    lp3, en3 = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, temperature=temperature, bias=bias)
+    got3 = torch.autograd.grad((lp3 * w_lp).sum(), (hidden, weight, bias))  # entropy unused
+    lp4, en4 = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, temperature=temperature, bias=bias)
+    got4 = torch.autograd.grad((en4 * w_lp).sum(), (hidden, weight, bias))  # log-prob unused
+    for a, b3, w in zip(got, got3, want_lp):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b3, w, rtol=1e-10, atol=1e-12)
+    for a, w in zip(got4, want_en):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+
+
 def test_gradcheck() -> None:
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)

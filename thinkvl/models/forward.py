@@ -66,6 +66,6 @@ def _token_logprobs(
     mask = batch["target_mask"].to(h.device)
     logp, ent = token_logprobs_and_entropy(
         h, head.weight, batch["targets"].to(h.device), chunk_size=chunk_size, temperature=temperature,
-        bias=getattr(head, "bias", None), mask=mask,
+        bias=getattr(head, "bias", None), mask=mask, with_entropy=with_entropy,
     )
     return (logp, ent) if with_entropy else logp

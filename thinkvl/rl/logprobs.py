@@ -19,18 +19,23 @@ __all__ = [
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    """``(h @ W^T + b) / temperature`` for one chunk, upcast for the softmax: ``[c, V]``."""
+    """``(h @ W^T + b) / temperature`` for one chunk, upcast for the softmax: ``[c, V]``.
+
+    Fresh buffer, so callers may work on it in place; no division at temperature 1."""
     logits = h @ weight.t()
     if bias is not None:
-        logits = logits + bias
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        logits += bias
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     """Per-token ``log softmax(z)[target]`` and entropy of ``softmax(z)``, z = logits / temperature.
 
     Saves the inputs plus two numbers per token (logsumexp, entropy); the backward recomputes each
-    chunk's logits, using ``d logp/dz = onehot - p`` and ``dH/dz = -p * (log p + H)``.
+    chunk's logits, using ``d logp/dz = onehot - p`` and ``dH/dz = -p * (log p + H)``. Without
+    ``with_entropy`` the entropy is neither computed nor differentiable (returned as zeros), which
+    saves an exp, a product and a sum over every ``[c, V]`` chunk in each direction.
     """
 
     @staticmethod
@@ -42,11 +47,12 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         targets: Tensor,  # [N]
         chunk_size: int,
         temperature: float,
+        with_entropy: bool = True,
     ) -> tuple[Tensor, Tensor]:
         n = hidden.shape[0]
         out_dtype = torch.promote_types(hidden.dtype, torch.float32)
         logp = hidden.new_empty(n, dtype=out_dtype)
-        entropy = hidden.new_empty(n, dtype=out_dtype)
+        entropy = hidden.new_empty(n, dtype=out_dtype) if with_entropy else hidden.new_zeros(n, dtype=out_dtype)
         lse = hidden.new_empty(n, dtype=out_dtype)
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
@@ -54,12 +60,18 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             lse_c = torch.logsumexp(z, dim=-1)  # [c]
             lse[sl] = lse_c
             logp[sl] = z.gather(1, targets[sl].unsqueeze(1)).squeeze(1) - lse_c
-            # H = lse - sum_v p_v z_v; in place so a chunk never holds more than two [c, V] buffers
-            p = torch.exp(z - lse_c.unsqueeze(1))  # [c, V]
-            entropy[sl] = lse_c - p.mul_(z).sum(dim=-1)
+            if with_entropy:
+                # H = lse - sum_v p_v z_v; in place so a chunk never holds more than two [c, V] buffers
+                p = torch.exp(z - lse_c.unsqueeze(1))  # [c, V]
+                entropy[sl] = lse_c - p.mul_(z).sum(dim=-1)
+            del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.chunk_size = chunk_size
         ctx.temperature = temperature
+        ctx.with_entropy = with_entropy
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its work
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
@@ -69,6 +81,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
         grad_h = torch.empty_like(hidden) if need_h else None
         # accumulate the weight gradient over chunks in float32 at least, then cast once
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
@@ -79,14 +93,19 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             sl = slice(start, start + chunk_size)
             h = hidden[sl]
             log_p = _chunk_logits(h, weight, bias, temperature).sub_(lse[sl].unsqueeze(1))  # [c, V]
-            p = torch.exp(log_p)  # [c, V]
             g_lp = grad_logp[sl].unsqueeze(1)  # [c, 1]
-            g_en = grad_entropy[sl].unsqueeze(1)  # [c, 1]
-            # dL/dz = g_lp * (onehot - p) - g_en * p * (log p + H), built in log_p's buffer
-            grad_z = log_p.add_(entropy[sl].unsqueeze(1)).mul_(g_en).add_(g_lp).mul_(p).neg_()
-            del p
+            if ctx.with_entropy and grad_entropy is not None:
+                p = torch.exp(log_p)  # [c, V]
+                g_en = grad_entropy[sl].unsqueeze(1)  # [c, 1]
+                # dL/dz = g_lp * (onehot - p) - g_en * p * (log p + H), built in log_p's buffer
+                grad_z = log_p.add_(entropy[sl].unsqueeze(1)).mul_(g_en).add_(g_lp).mul_(p).neg_()
+                del p
+            else:  # dL/dz = g_lp * (onehot - p), in the one buffer
+                grad_z = log_p.exp_().mul_(g_lp).neg_()
             grad_z.scatter_add_(1, targets[sl].unsqueeze(1), g_lp)
-            grad_logits = (grad_z / temperature).to(weight.dtype)  # [c, V], d/d(h W^T + b)
+            if temperature != 1.0:
+                grad_z.div_(temperature)
+            grad_logits = grad_z.to(weight.dtype)  # [c, V], d/d(h W^T + b)
             if need_h:
                 grad_h[sl] = grad_logits @ weight
             if need_w:
@@ -97,6 +116,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
+            None,
             None,
             None,
             None,
@@ -112,6 +132,7 @@ def token_logprobs_and_entropy(
     bias: Tensor | None = None,
     mask: Tensor | None = None,
     ignore_index: int = -100,
+    with_entropy: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of each target token and entropy of each next-token distribution.
 
@@ -137,6 +158,7 @@ def token_logprobs_and_entropy(
         bias: ``[V]`` optional LM-head bias.
         mask: ``[B, T]`` optional, nonzero where a log-prob is wanted.
         ignore_index: target value marking a position to skip.
+        with_entropy: False skips the entropy (returned as zeros, not differentiable).
 
     Returns:
         ``(logp, entropy)``, each ``[B, T]`` in float32 (float64 for float64 inputs).
@@ -161,7 +183,7 @@ def token_logprobs_and_entropy(
     idx = keep.nonzero().squeeze(1)  # [n]; skipping prompt/padding rows saves their V-wide work
     logp_kept, ent_kept = _ChunkedLogprobEntropy.apply(
         flat_h.index_select(0, idx), lm_head_weight, bias, flat_t.index_select(0, idx),
-        chunk_size, temperature,
+        chunk_size, temperature, with_entropy,
     )
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
     zeros = flat_h.new_zeros(flat_t.shape[0], dtype=out_dtype)
@@ -182,7 +204,7 @@ def token_logprobs_from_hidden(
 ) -> Tensor:
     """Per-token log-probs ``[B, T]``; :func:`token_logprobs_and_entropy` without the entropy."""
     logp, _ = token_logprobs_and_entropy(
-        hidden, lm_head_weight, targets, chunk_size, temperature, bias, mask, ignore_index
+        hidden, lm_head_weight, targets, chunk_size, temperature, bias, mask, ignore_index, with_entropy=False
     )
     return logp
 

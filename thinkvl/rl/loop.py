@@ -164,7 +164,9 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
     t_max = max(r.length for r in flat)
     rows = bfd_pack([len(e) for e in examples], max(len(e) for e in examples))
     batch = collate_rows(examples, rows, loaded.pad_id, loaded.positions)
-    lp, ent = token_logprobs(model, batch, temperature=temperature, with_entropy=True)
+    out = token_logprobs(model, batch, temperature=temperature, with_entropy=with_entropy)
+    # the entropy is only logged: it is detached below, so its backward work is skipped
+    lp, ent = out if with_entropy else (out, None)
     pieces_lp, pieces_ent = [], []
     for r_i, row in enumerate(rows):
         off = 0
@@ -172,7 +174,8 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
             n_p, n_r = len(flat[i].prompt_ids), flat[i].length
             # Target position t predicts token t+1: response tokens are predicted from P-1 .. P+R-2.
             pieces_lp.append((i, lp[r_i, off + n_p - 1 : off + n_p - 1 + n_r]))
-            pieces_ent.append((i, ent[r_i, off + n_p - 1 : off + n_p - 1 + n_r].detach()))
+            if ent is not None:
+                pieces_ent.append((i, ent[r_i, off + n_p - 1 : off + n_p - 1 + n_r].detach()))
             off += len(examples[i])
     logp = _scatter(pieces_lp, len(flat), t_max)
     if with_entropy:
