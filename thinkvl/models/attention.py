@@ -94,20 +94,21 @@ def varlen_attention_forward(
         value = F.pad(value, (0, query.shape[-1] - dv))
     p = dropout if module.training else 0.0
 
+    # unbind/split rather than slicing: their backward is one stack/cat, where every slice's
+    # backward would write into its own zero-filled copy of the whole tensor
     rows = []
-    for b, bounds in enumerate(segment_bounds(position_ids)):
+    for qb, kb, vb, bounds in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+                                  segment_bounds(position_ids)):
         if len(bounds) == 2:  # one example: plain causal attention on the row
-            rows.append(F.scaled_dot_product_attention(
-                query[b:b + 1], key[b:b + 1], value[b:b + 1], dropout_p=p, is_causal=True, scale=scaling))
+            rows.append(F.scaled_dot_product_attention(qb, kb, vb, dropout_p=p, is_causal=True, scale=scaling))
             continue
+        lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         parts = [
-            F.scaled_dot_product_attention(
-                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                dropout_p=p, is_causal=True, scale=scaling)
-            for s, e in zip(bounds[:-1], bounds[1:])
+            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=True, scale=scaling)
+            for qs, ks, vs in zip(qb.split(lens, dim=1), kb.split(lens, dim=1), vb.split(lens, dim=1))
         ]
-        rows.append(torch.cat(parts, dim=2))
-    out = torch.cat(rows, dim=0)[..., :dv]
+        rows.append(torch.cat(parts, dim=1))
+    out = torch.stack(rows, dim=0)[..., :dv]
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -165,29 +165,26 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
     rows = bfd_pack([len(e) for e in examples], max(len(e) for e in examples))
     batch = collate_rows(examples, rows, loaded.pad_id, loaded.positions)
     out = token_logprobs(model, batch, temperature=temperature, with_entropy=with_entropy)
-    # the entropy is only logged: it is detached below, so its backward work is skipped
     lp, ent = out if with_entropy else (out, None)
-    pieces_lp, pieces_ent = [], []
+    # One gather from the packed rows into [B, Tr] (its backward is a single index_put); slicing
+    # each response out would give every slice a zero-filled copy of the whole batch to write into.
+    # Target position t predicts token t+1: response tokens are predicted from P-1 .. P+R-2.
+    width = lp.shape[1]
+    index = torch.zeros(len(flat), t_max, dtype=torch.long)
+    valid = torch.zeros(len(flat), t_max, dtype=torch.bool)
     for r_i, row in enumerate(rows):
         off = 0
         for i in row:
             n_p, n_r = len(flat[i].prompt_ids), flat[i].length
-            # Target position t predicts token t+1: response tokens are predicted from P-1 .. P+R-2.
-            pieces_lp.append((i, lp[r_i, off + n_p - 1 : off + n_p - 1 + n_r]))
-            if ent is not None:
-                pieces_ent.append((i, ent[r_i, off + n_p - 1 : off + n_p - 1 + n_r].detach()))
+            start = r_i * width + off + n_p - 1
+            index[i, :n_r] = torch.arange(start, start + n_r)
+            valid[i, :n_r] = True
             off += len(examples[i])
-    logp = _scatter(pieces_lp, len(flat), t_max)
+    index, valid = index.to(lp.device), valid.to(lp.device)
+    logp = lp.reshape(-1)[index].masked_fill(~valid, 0.0)
     if with_entropy:
-        return logp, _scatter(pieces_ent, len(flat), t_max)
+        return logp, ent.detach().reshape(-1)[index].masked_fill(~valid, 0.0)
     return logp
-
-
-def _scatter(pieces, b: int, t: int) -> torch.Tensor:
-    rows = [None] * b
-    for i, v in pieces:
-        rows[i] = torch.nn.functional.pad(v, (0, t - v.shape[0]))
-    return torch.stack(rows)
 
 
 def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLConfig, d: D.Dist,

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 
 from thinkvl.data.chat import Example
 from thinkvl.models.load import Loaded
+from thinkvl.rollout.cache import preallocated_cache
 from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.types import Rollout
 
@@ -228,7 +229,7 @@ class HFEngine:
         pos = self.loaded.positions(ex)
         return pos[1:] if self.loaded.uses_mrope else pos
 
-    def _prefill(self, prompts: list[Example]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, prompts: list[Example], new_tokens: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
         """Run the distinct prompts once. Returns (last logits [U, V], cache, attention mask [U, T],
         next position [U])."""
         width = max(len(p) for p in prompts)
@@ -246,7 +247,7 @@ class HFEngine:
             dtype = next(self.model.parameters()).dtype
             kwargs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(dev, dtype)
             kwargs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images]).to(dev)
-        cache = DynamicCache(config=self.model.config)
+        cache = preallocated_cache(self.model.config, width + new_tokens)  # no per-token torch.cat
         out = self.model(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
             cache=cache, use_cache=True, logits_to_keep=1, **kwargs,
@@ -269,7 +270,7 @@ class HFEngine:
         """Prefill the chunk's distinct prompts once, then sample every row of the chunk to its end."""
         t0 = time.perf_counter()
         distinct = list(dict.fromkeys(i for i, _ in chunk))
-        logits, cache, mask, next_pos = self._prefill([prompts[i] for i in distinct])
+        logits, cache, mask, next_pos = self._prefill([prompts[i] for i in distinct], sampling.max_new_tokens)
         # Each sample starts from a copy of its prompt's cache rows (indices may repeat).
         rows = torch.tensor([distinct.index(i) for i, _ in chunk], device=self.device)
         cache.batch_select_indices(rows)
