@@ -21,10 +21,14 @@ instead of the math fallback; the padded output columns are sliced off (exact).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+log = logging.getLogger("thinkvl")
 
 VARLEN = "thinkvl_varlen"
 # the names users write in `model.attn_implementation`
@@ -138,6 +142,11 @@ def set_attention(model, implementation: str) -> None:
         model.set_attn_implementation(implementation)  # dispatched to every sub-model
         return
     register()
+    if not model._can_set_attn_implementation():
+        # e.g. remote code that does not dispatch through transformers' AttentionInterface
+        log.warning("%s does not take a custom attention implementation; keeping %s (packed rows then pay "
+                    "for cross-example attention)", type(model).__name__, model.config._attn_implementation)
+        return
     if "text_config" in getattr(model.config, "sub_configs", {}):
         model.set_attn_implementation({"text_config": VARLEN})
     else:
