@@ -212,3 +212,29 @@ def test_evaluate_plain_function_verifier_greedy_only(tiny):
     assert result.greedy_pass1 == 0.5 and result.sampled_pass1 is None and result.pass_k is None
     assert result.by_modality["image"]["greedy_pass@1"] == 1.0 and result.by_modality["text"]["greedy_pass@1"] == 0.0
     assert result.settings["verifier"] == "only_image_problem"
+
+
+def test_image_reliance_is_zero_for_a_model_that_cannot_see(tiny, tmp_path):
+    """Log-prob of each image problem's response with its own image minus with another problem's: a
+    model whose projector outputs zeros sees every image alike and must score exactly 0."""
+    loaded, _ = tiny
+    problems, responses = [], []
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (56, 56), color).save(tmp_path / f"{i}.png")
+        problems.append({"id": str(i), "answer": "1", "messages": [{"role": "user", "content": [
+            {"type": "image", "image": str(tmp_path / f"{i}.png")}, {"type": "text", "text": "how many?"}]}]})
+        responses.append(f"the answer is \\boxed{{{i + 1}}}.")
+    problems.append({"id": "t", "answer": "3", "messages": [{"role": "user", "content": "how many?"}]})
+    responses.append("3")  # text problems are left out
+    seeing = ev.image_reliance(loaded, problems, responses)
+    assert seeing is not None and abs(seeing) > 1e-4
+    out = loaded.model.model.mm_projector.out_proj
+    saved = {k: v.clone() for k, v in out.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for v in out.parameters():
+                v.zero_()
+        assert ev.image_reliance(loaded, problems, responses) == 0.0
+    finally:
+        out.load_state_dict(saved)
+    assert ev.image_reliance(loaded, problems[:1] + problems[3:], responses[:1] + responses[3:]) is None

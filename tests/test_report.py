@@ -236,6 +236,9 @@ def test_stage_table_markdown() -> None:
     assert mixed.splitlines()[2:] == ["| a | — | 50.0% (k=4) | — | — | — |", "| b | — | 25.0% (k=16) | — | — | — |",
                                       "| c | — | — | — | — | — |"]
     assert "pass@k" in mixed.splitlines()[0]
+    vision = stage_table_markdown([("a", {"image_reliance": 0.513}), ("b", {"image_reliance": None})]).splitlines()
+    assert vision[0].endswith("| truncated | image reliance |")
+    assert vision[2:] == ["| a | — | — | — | — | — | 0.51 |", "| b | — | — | — | — | — | — |"]
 
 
 def test_truncate_middle_keeps_the_answer() -> None:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from thinkvl.models.load import Loaded
@@ -212,13 +213,14 @@ def evaluate(
     require_format: bool = False,
     n_samples: int | None = None,
     engine: GenerationEngine | None = None,
+    check_images: bool = True,
 ) -> EvalResult:
     """Evaluate `loaded` on problem records (`messages`, `answer`, optional `id`/`task`/`difficulty`).
 
     greedy: also run one greedy response per problem (greedy pass@1, lengths, format compliance).
     k: pass@k's k; n_samples (default k) responses are sampled per problem at `temperature`
     (k = 0 skips sampling). engine: defaults to an `HFEngine(loaded, batch_size)`, which bans image
-    placeholder tokens.
+    placeholder tokens. check_images: with greedy, also measure `image_reliance` (overall).
     """
     n = k if n_samples is None else n_samples
     if k < 0 or n < k:
@@ -251,19 +253,83 @@ def evaluate(
             res.sample_scores = [_score(scorer, r, res.answer, require_format)[0] for r in group]
             res.sample_lengths = [r.length for r in group]
             res.sample_truncated = [r.truncated for r in group]
+    overall = summarize(results, k)
+    if greedy and check_images:
+        overall["image_reliance"] = image_reliance(loaded, problems, [r.greedy_response or "" for r in results])
     settings = {
         "k": k, "n_samples": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "greedy": greedy,
         "seed": seed, "require_format": require_format, "n_problems": len(problems),
         "verifier": verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__),
     }
     return EvalResult(
-        overall=summarize(results, k),
+        overall=overall,
         by_task=_breakdown(results, lambda r: r.task, k),
         by_difficulty=_breakdown(results, lambda r: r.difficulty, k),
         by_modality=_breakdown(results, lambda r: "image" if r.has_image else "text", k),
         problems=results,
         settings=settings,
     )
+
+
+def _images_of(messages: list[dict]) -> list[str]:
+    return [part["image"] for m in messages if not isinstance(m["content"], str)
+            for part in m["content"] if part.get("type") == "image"]
+
+
+def _with_images(messages: list[dict], images: list[str]) -> list[dict]:
+    """A copy of `messages` whose image parts, in order, show `images` instead."""
+    it = iter(images)
+    out = []
+    for m in messages:
+        if isinstance(m["content"], str):
+            out.append(dict(m))
+        else:
+            out.append({**m, "content": [{**part, "image": next(it)} if part.get("type") == "image" else dict(part)
+                                         for part in m["content"]]})
+    return out
+
+
+@torch.no_grad()
+def image_reliance(loaded: Loaded, problems: list[dict], responses: list[str], batch: int = 16) -> float | None:
+    """How much the model's own greedy responses depend on the image it was shown.
+
+    For every problem with images, the response's mean token log-prob with the problem's own images
+    minus the same with the images of the next image problem (same image count, cyclic). Returns the
+    mean over those problems in nats per token: about 0 means the model ignores its images (a VLM
+    that answers from the text prior alone); None when fewer than two problems have images.
+    """
+    from thinkvl.data.packing import collate_rows
+    from thinkvl.models.forward import token_logprobs
+
+    idx = [i for i, p in enumerate(problems) if _images_of(p["messages"]) and responses[i]]
+    if len(idx) < 2:
+        return None
+    pairs = []
+    for j, i in enumerate(idx):
+        mine = _images_of(problems[i]["messages"])
+        for other in idx[j + 1:] + idx[:j]:
+            theirs = _images_of(problems[other]["messages"])
+            if len(theirs) == len(mine) and theirs != mine:
+                pairs.append((i, theirs))
+                break
+    if not pairs:
+        return None
+    was_training = loaded.model.training
+    loaded.model.eval()
+    diffs = []
+    for start in range(0, len(pairs), batch):
+        examples = []
+        for i, imgs in pairs[start : start + batch]:
+            answer = {"role": "assistant", "content": responses[i]}
+            examples.append(loaded.render(problems[i]["messages"] + [answer]))
+            examples.append(loaded.render(_with_images(problems[i]["messages"], imgs) + [answer]))
+        rows = [[e] for e in range(len(examples))]
+        b = collate_rows(examples, rows, loaded.pad_id, loaded.positions)
+        mask = b["target_mask"]
+        mean_lp = (token_logprobs(loaded.model, b) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        diffs.extend((mean_lp[0::2] - mean_lp[1::2]).tolist())
+    loaded.model.train(was_training)
+    return sum(diffs) / len(diffs)
 
 
 def _question(problem: dict) -> str:
@@ -284,7 +350,7 @@ def greedy_metrics(loaded: Loaded, problems: list[dict], verifier: str, max_new_
     """Greedy accuracy, format compliance and response length, for logging inside training runs."""
     was_training = loaded.model.training
     loaded.model.eval()
-    res = evaluate(loaded, problems, verifier=verifier, k=0, max_new_tokens=max_new_tokens)
+    res = evaluate(loaded, problems, verifier=verifier, k=0, max_new_tokens=max_new_tokens, check_images=False)
     loaded.model.train(was_training)
     o = res.overall
     return {"eval/accuracy": o["greedy_pass@1"], "eval/format": o["format_ok"], "eval/response_length": o["mean_length"]}
@@ -319,6 +385,9 @@ def format_table(result: EvalResult) -> str:
                 f"{_fmt(s['truncated']):>7}")
 
     lines.append(row("all", result.overall))
+    if result.overall.get("image_reliance") is not None:
+        lines.append(f"image reliance: {result.overall['image_reliance']:.3f} nats/token (log-prob of the greedy "
+                     "responses with their own image minus with another problem's; ~0 = the image is ignored)")
     for title, groups in (("task", result.by_task), ("difficulty", result.by_difficulty),
                           ("modality", result.by_modality)):
         if len(groups) > 1:

@@ -132,14 +132,20 @@ def stage_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
     ks = {int(k) for _, s in rows if (k := _num(s.get("k"))) is not None}
     same_k = len(ks) == 1
     header = f"pass@{ks.pop()}" if same_k else "pass@k"
-    lines = [f"| stage | greedy acc | {header} | format | mean length | truncated |",
-             "|---|---:|---:|---:|---:|---:|"]
+    # image reliance (thinkvl.eval.evaluate.image_reliance) only when some stage measured it
+    vision = any(_num(s.get("image_reliance")) is not None for _, s in rows)
+    lines = [f"| stage | greedy acc | {header} | format | mean length | truncated |" + (" image reliance |" if vision else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if vision else "")]
     for name, s in rows:
         pass_k = _pct(s.get("pass_at_k"))
         if not same_k and _num(s.get("k")) is not None and pass_k != MISSING:
             pass_k += f" (k={int(s['k'])})"
-        lines.append(f"| {name} | {_pct(s.get('greedy_pass1'))} | {pass_k} | {_pct(s.get('format_rate'))} "
-                     f"| {_length(s.get('mean_length'))} | {_pct(s.get('truncated_frac'))} |")
+        line = (f"| {name} | {_pct(s.get('greedy_pass1'))} | {pass_k} | {_pct(s.get('format_rate'))} "
+                f"| {_length(s.get('mean_length'))} | {_pct(s.get('truncated_frac'))} |")
+        if vision:
+            r = _num(s.get("image_reliance"))
+            line += f" {MISSING if r is None else f'{r:.2f}'} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -166,7 +172,8 @@ def _results_section(rows: Sequence[tuple[str, Summary]]) -> str:
     parts = ["## Held-out evaluation", "", stage_table_markdown(rows), "",
              "greedy acc: greedy pass@1; pass@k: at least one of k samples correct; format: responses in "
              "the expected think-then-answer format; mean length: mean response length in tokens; truncated: responses "
-             "that hit the generation limit."]
+             "that hit the generation limit; image reliance (nats/token): log-prob of the greedy responses to image "
+             "problems with their own image minus with another problem's image, about 0 when the model ignores images."]
     tasks = task_table_markdown(rows)
     if tasks:
         parts += ["", "### Greedy accuracy by task", "", tasks]
