@@ -152,8 +152,13 @@ def test_report_has_a_row_per_evaluated_stage(pipe):
 
     report = write_report(pipe["dir"], machine="test machine")
     text = report.read_text()
-    rows = [ln for ln in text.splitlines() if ln.startswith("| 0")]
-    table_rows = [ln for ln in rows if ln.count("|") == 7]  # the 6-column stage table
+    lines = text.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("| stage | greedy acc |"))
+    table_rows = []  # the stage table: the rows under its header, up to the blank line
+    for ln in lines[head + 2:]:
+        if not ln.startswith("|"):
+            break
+        table_rows.append(ln)
     assert [r.split("|")[1].strip() for r in table_rows] == [DIRS["joint_sft"], DIRS["rl"]]
     for name, row in zip(("joint_sft", "rl"), table_rows):
         overall = json.loads((pipe["dir"] / DIRS[name] / "eval" / "summary.json").read_text())["overall"]
