@@ -64,11 +64,14 @@ def difficulty_bucket(problem: dict) -> str:
     return "unknown"
 
 
+def _images_of(messages: list[dict]) -> list[str]:
+    """The image parts' paths of a conversation, in order."""
+    return [part["image"] for m in messages if not isinstance(m["content"], str)
+            for part in m["content"] if part.get("type") == "image"]
+
+
 def has_image(problem: dict) -> bool:
-    return any(
-        isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
-        for m in problem["messages"]
-    )
+    return bool(_images_of(problem["messages"]))
 
 
 @dataclass
@@ -271,11 +274,6 @@ def evaluate(
     )
 
 
-def _images_of(messages: list[dict]) -> list[str]:
-    return [part["image"] for m in messages if not isinstance(m["content"], str)
-            for part in m["content"] if part.get("type") == "image"]
-
-
 def _with_images(messages: list[dict], images: list[str]) -> list[dict]:
     """A copy of `messages` whose image parts, in order, show `images` instead."""
     it = iter(images)
@@ -338,12 +336,8 @@ def _question(problem: dict) -> str:
 
 
 def _first_image(problem: dict) -> str | None:
-    for m in problem["messages"]:
-        if not isinstance(m["content"], str):
-            for p in m["content"]:
-                if p["type"] == "image":
-                    return str(p["image"])
-    return None
+    images = _images_of(problem["messages"])
+    return str(images[0]) if images else None
 
 
 def greedy_metrics(loaded: Loaded, problems: list[dict], verifier: str, max_new_tokens: int) -> dict[str, float]:
