@@ -81,12 +81,13 @@ def varlen_attention_forward(
     position_ids = kwargs.get("position_ids")
     if attention_mask is None and 1 < q_len < kv_len:  # prefill after cached tokens, no padding
         attention_mask = _causal_offset_mask(q_len, kv_len, query.device)
-    if attention_mask is not None or position_ids is None or q_len != kv_len or q_len == 1:
+    # Packing is read from 2-D text positions only (Qwen-VL's text model passes its text row here);
+    # 3-D mRoPE rows give image tokens equal positions, which would look like example boundaries.
+    if (attention_mask is not None or position_ids is None or position_ids.ndim != 2
+            or q_len != kv_len or q_len == 1):
         kwargs.pop("is_causal", None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if position_ids.ndim == 3:  # [P, B, T] mRoPE ids: row 0 holds the text positions
-        position_ids = position_ids[0]
     if position_ids.shape[0] != query.shape[0]:
         position_ids = position_ids.expand(query.shape[0], -1)
 
