@@ -156,9 +156,10 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
                       with_entropy: bool = False):
     """Current-policy log-probs of each response's tokens, from one forward pass.
 
-    Responses are packed best-fit into rows as long as the longest one, so most rows hold one or two
-    sequences and attention does not pay for a long packed row (CPU attention kernels compute the
-    whole row, mask or not). Returns logp [B, Tr] (and entropy [B, Tr]), 0 beyond each response.
+    Responses are packed best-fit into rows as long as the longest one (with an attention that
+    works on the whole row, as transformers' SDPA does, short rows bound the wasted work; thinkvl's
+    default varlen attention does not need it). Returns logp [B, Tr] (and entropy [B, Tr]), 0
+    beyond each response.
     """
     examples = [r.to_example() for r in flat]
     t_max = max(r.length for r in flat)
@@ -171,15 +172,14 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
     # Target position t predicts token t+1: response tokens are predicted from P-1 .. P+R-2.
     width = lp.shape[1]
     index = torch.zeros(len(flat), t_max, dtype=torch.long)
-    valid = torch.zeros(len(flat), t_max, dtype=torch.bool)
     for r_i, row in enumerate(rows):
         off = 0
         for i in row:
             n_p, n_r = len(flat[i].prompt_ids), flat[i].length
             start = r_i * width + off + n_p - 1
             index[i, :n_r] = torch.arange(start, start + n_r)
-            valid[i, :n_r] = True
             off += len(examples[i])
+    valid = torch.arange(t_max) < torch.tensor([r.length for r in flat]).unsqueeze(1)
     index, valid = index.to(lp.device), valid.to(lp.device)
     logp = lp.reshape(-1)[index].masked_fill(~valid, 0.0)
     if with_entropy:

@@ -25,7 +25,7 @@ class PreallocatedLayer(DynamicLayer):
         self._k = self._v = None
 
     def _room(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
-        if self._k is not None and need <= self._k.shape[-2] and k.shape[0] == self._k.shape[0]:
+        if self._k is not None and need <= self._k.shape[-2]:
             return
         cap = max(need, self.capacity if self._k is None else 2 * self._k.shape[-2])
         new_k = k.new_empty(*k.shape[:-2], cap, k.shape[-1])
@@ -59,7 +59,7 @@ class PreallocatedLayer(DynamicLayer):
         k, v = index_fn(self._k[..., : self.length, :]), index_fn(self._v[..., : self.length, :])
         self._k = self._v = None
         saved, self.length = self.length, 0
-        self._room(k, v, max(self.capacity, saved))
+        self._room(k, v, saved)  # a fresh buffer of max(capacity, saved) positions
         self._k[..., :saved, :], self._v[..., :saved, :] = k, v
         self.length = saved
         self._views()
