@@ -64,9 +64,14 @@ def build_text_model(size: TextSize, tokenizer: PreTrainedTokenizerFast, seed: i
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
     )
-    cfg._attn_implementation = "sdpa"
+    return _seeded(Qwen2ForCausalLM, cfg, tokenizer, seed)
+
+
+def _seeded(model_cls, config, tokenizer, seed: int):
+    """`model_cls(config)` with SDPA attention, initialised from `seed`, EOS/pad from the tokenizer."""
+    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
+    model = model_cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -124,12 +129,7 @@ def build_qwen_vl(processor: Qwen2_5_VLProcessor, toy: bool = False, seed: int =
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model
+    return _seeded(Qwen2_5_VLForConditionalGeneration, config, tok, seed)
 
 
 def build_kimi(toy: bool = False, seed: int = 0):
