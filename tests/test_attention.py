@@ -127,3 +127,12 @@ def test_generation_unchanged_by_varlen(vlm, images):
     # (without a registered mask function transformers would drop the padding mask here)
     diff = max(abs(a - b) for o, r in zip(out, ref) for a, b in zip(o[0].logprobs, r[0].logprobs))
     assert diff < 1e-5, diff
+
+
+def test_config_rejects_an_unknown_attention_name():
+    from thinkvl.config import ConfigError, load_config
+    from thinkvl.train.sft import SFTConfig
+
+    assert load_config(SFTConfig, None, []).model.attn_implementation == "varlen"
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: 'flash' is not one of varlen, sdpa, eager"):
+        load_config(SFTConfig, None, ["model.attn_implementation=flash"])
