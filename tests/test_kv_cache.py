@@ -32,6 +32,22 @@ def test_layer_writes_in_place_grows_and_selects_rows():
     assert layer.get_seq_length() == 3 and torch.equal(layer.keys[2], k[0])
 
 
+def test_dropping_rows_compacts_in_place():
+    layer = PreallocatedLayer(capacity=6)
+    k, v = torch.randn(5, 2, 4, 3), torch.randn(5, 2, 4, 3)
+    layer.update(k, v)
+    ptr = layer._k.data_ptr()
+    for keep, expect in (([0, 2, 3, 4], [0, 2, 3, 4]), ([1, 3], [2, 4]), ([0], [2])):
+        layer.batch_select_indices(torch.tensor(keep))
+        assert layer._k.data_ptr() == ptr  # the same buffer: kept rows moved up, nothing gathered
+        assert torch.equal(layer.keys, k[expect]) and torch.equal(layer.values, v[expect])
+    new = torch.randn(1, 2, 1, 3)
+    keys, values = layer.update(new, -new)  # decoding goes on in the compacted buffer
+    assert torch.equal(keys, torch.cat([k[[2]], new], 2)) and torch.equal(values, torch.cat([v[[2]], -new], 2))
+    layer.batch_select_indices(torch.tensor([], dtype=torch.long))
+    assert layer.keys.shape[0] == 0
+
+
 def test_engine_matches_dynamic_cache(vlm, images, monkeypatch):
     loaded, model = vlm, vlm.model
     prompts = [loaded.render(c[:1], add_generation_prompt=True) for c in conversations(images, "image")]
