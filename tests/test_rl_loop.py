@@ -419,3 +419,58 @@ def test_two_process_train_with_uneven_generation(toy, tmp_path):
     w0 = load_file(toy["model"] / "model.safetensors")
     w1 = load_file(out / "final" / "model.safetensors")
     assert w0.keys() == w1.keys() and max(float((w0[k] - w1[k]).abs().max()) for k in w0) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_shared_prompt_packing_equals_repeated_prompts(vlm, images, kind):
+    # The update packs a group's prompt once and hangs the k responses off it (varlen attention reads
+    # a segment starting at position s > 0 as a branch of the prompt). Log-probs and gradients must
+    # equal those with the prompt repeated in front of every response, images included.
+    from test_packing import conversations
+
+    from thinkvl.models.attention import set_attention
+    from thinkvl.rl.loop import packed_responses
+
+    loaded, model = vlm, vlm.model
+    prompts = [loaded.render(c[:1], add_generation_prompt=True) for c in conversations(images, kind)][:3]
+    model.eval()
+    with torch.no_grad():
+        groups = HFEngine(loaded, batch_size=16).generate(prompts, 3, SamplingParams(max_new_tokens=7, seed=5))
+    model.train()
+    flat = [r for g in groups for r in g]
+    shared, where = packed_responses(flat, loaded, share_prompt=True)
+    assert len(shared) == len(prompts) and [len(w) for w in where] == [3, 3, 3]
+    n_prompt = sum(len(p) for p in prompts)
+    assert sum(len(e) for e in shared) == sum(len(r.prompt_ids) + r.length for r in flat) - 2 * (n_prompt - 3)
+    if kind == "image":
+        # one copy of each prompt's images per group (the second prompt is text only)
+        assert [e.pixel_values is not None for e in shared] == [True, False, True]
+        assert [e.pixel_values is flat[3 * g].pixel_values for g, e in enumerate(shared)] == [True] * 3
+
+    weights = torch.linspace(0.5, 1.5, 7)
+    out = {}
+    set_attention(model, "varlen")  # the session fixture attends with SDPA; put it back after
+    try:
+        for share in (False, True):
+            model.zero_grad(set_to_none=True)
+            logp = response_logprobs(model, flat, loaded, 1.0, share_prompt=share)
+            (logp * weights).sum().backward()
+            out[share] = logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        set_attention(model, "sdpa")
+    (lp0, g0), (lp1, g1) = out[False], out[True]
+    assert (lp0 != 0).sum() == sum(r.length for r in flat)
+    assert torch.allclose(lp0, lp1, atol=2e-6), (lp0 - lp1).abs().max()
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), (n, (g0[n] - g1[n]).abs().max())
+    model.zero_grad(set_to_none=True)
+
+
+def test_shared_prompt_needs_varlen_attention(toy):
+    # transformers' own packed masks would read a branch as a new example: the update falls back to
+    # one example per response when the model does not attend with thinkvl's varlen function.
+    from thinkvl.models.attention import uses_varlen
+
+    assert uses_varlen(load(str(toy["model"])).model)
+    assert not uses_varlen(load(str(toy["model"]), attn_implementation="sdpa").model)

@@ -14,6 +14,12 @@ Anything that is not a packed training/scoring pass (a padding mask, a KV cache,
 a sliding window) falls through to transformers' own SDPA mask and SDPA path, so generation is
 unchanged.
 
+Shared prefixes (the RL update packs a prompt once for its k responses): a segment whose first
+position s is not 0 is a branch of the row's last root segment (the last one that started at 0) and
+attends to that root's first s tokens and causally to itself, exactly what it would attend to if the
+prompt were repeated in front of it. transformers' own packed-row masks would instead treat a branch
+as a new example, so shared-prefix rows need this implementation (the RL loop checks).
+
 When the value head is narrower than the query/key head (multi-head latent attention: Kimi-VL,
 DeepSeek-V3), the values are zero-padded to the query width so CPU SDPA can take its fused kernel
 instead of the math fallback; the padded output columns are sliced off (exact).
@@ -36,7 +42,7 @@ CHOICES = ("varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", 
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[int]]:
-    """Per row, the start index of every packed example (a new example starts wherever the position
+    """Per row, the start index of every packed segment (a new segment starts wherever the position
     is not the previous position + 1), followed by the row length."""
     pos = position_ids
     t = pos.shape[-1]
@@ -46,6 +52,30 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[int]]:
     for r in starts.tolist():
         rows.append([i for i, s in enumerate(r) if s] + [t])
     return rows
+
+
+def _row_attention(qb, kb, vb, bounds: list[int], first_pos: list[int], p: float, scaling) -> torch.Tensor:
+    """Attention of one packed row [H, T, D]: causal within each segment; a branch segment (first
+    position s > 0 right after a root of at least s tokens or another branch) also sees the root's
+    first s tokens."""
+    if len(bounds) == 2:  # one segment: plain causal attention on the row
+        return F.scaled_dot_product_attention(qb, kb, vb, dropout_p=p, is_causal=True, scale=scaling)
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    parts, root = [], None
+    for qs, ks, vs, s0 in zip(qb.split(lens, dim=1), kb.split(lens, dim=1), vb.split(lens, dim=1), first_pos):
+        if s0 == 0:
+            root = (ks, vs)
+        elif root is not None and s0 <= root[0].shape[1]:  # a branch of the current root
+            rk, rv = (root[0], root[1]) if s0 == root[0].shape[1] else (root[0][:, :s0], root[1][:, :s0])
+            n = qs.shape[1]
+            mask = _causal_offset_mask(n, s0 + n, qs.device)[0]  # [1, n, s0 + n]
+            parts.append(F.scaled_dot_product_attention(qs, torch.cat([rk, ks], 1), torch.cat([rv, vs], 1),
+                                                        attn_mask=mask, dropout_p=p, scale=scaling))
+            continue
+        else:  # a segment that starts mid-sequence with no root to hang on: its own causal block
+            root = None
+        parts.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=True, scale=scaling))
+    return torch.cat(parts, dim=1)
 
 
 def _causal_offset_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -101,18 +131,11 @@ def varlen_attention_forward(
 
     # unbind/split rather than slicing: their backward is one stack/cat, where every slice's
     # backward would write into its own zero-filled copy of the whole tensor
+    pos_rows = position_ids.tolist()
     rows = []
-    for qb, kb, vb, bounds in zip(query.unbind(0), key.unbind(0), value.unbind(0),
-                                  segment_bounds(position_ids)):
-        if len(bounds) == 2:  # one example: plain causal attention on the row
-            rows.append(F.scaled_dot_product_attention(qb, kb, vb, dropout_p=p, is_causal=True, scale=scaling))
-            continue
-        lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-        parts = [
-            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=True, scale=scaling)
-            for qs, ks, vs in zip(qb.split(lens, dim=1), kb.split(lens, dim=1), vb.split(lens, dim=1))
-        ]
-        rows.append(torch.cat(parts, dim=1))
+    for qb, kb, vb, bounds, pos in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+                                       segment_bounds(position_ids), pos_rows):
+        rows.append(_row_attention(qb, kb, vb, bounds, [pos[b] for b in bounds[:-1]], p, scaling))
     out = torch.stack(rows, dim=0)[..., :dv]
     return out.transpose(1, 2).contiguous(), None
 
@@ -128,6 +151,13 @@ def register() -> None:
         # without a mask function transformers passes no mask at all to a custom attention
         # (not even the padding mask of a left-padded generation batch)
         AttentionMaskInterface.register(VARLEN, varlen_mask)
+
+
+def uses_varlen(model) -> bool:
+    """Whether the (language) model attends with `thinkvl_varlen`, which reads shared-prefix rows."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return getattr(cfg, "_attn_implementation", None) == VARLEN
 
 
 def set_attention(model, implementation: str) -> None:

@@ -31,9 +31,11 @@ import torch
 from tqdm import tqdm
 
 from thinkvl.config import ConfigError
+from thinkvl.data.chat import Example
 from thinkvl.data.formats import read_records
 from thinkvl.data.packing import bfd_pack, collate_rows
 from thinkvl.eval.evaluate import greedy_metrics
+from thinkvl.models.attention import uses_varlen
 from thinkvl.models.forward import token_logprobs
 from thinkvl.models.load import Loaded, load
 from thinkvl.rewards.length import group_length_rewards, length_weight
@@ -79,7 +81,8 @@ class LossConfig:
     tau: float = 0.1  # mirror descent: KL weight toward pi_i
     clip_eps: float = 0.2  # grpo: ratio clip
     updates_per_iter: int = 1  # optimiser steps per iteration, all against the same pi_i
-    responses_per_micro_batch: int = 64
+    responses_per_micro_batch: int = 16  # whole groups; small micro-batches keep activations in cache
+    share_prompt: bool = True  # pack a group's prompt once for its k responses (needs varlen attention)
     lr: float = 1e-5
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -152,33 +155,91 @@ def score(rollouts: list[list[Rollout]], problems: list[dict], verifier, lp: Len
             r.reward = r.correct + w * lr_
 
 
+def _same_prompt(a: Rollout, b: Rollout) -> bool:
+    if a.prompt_ids != b.prompt_ids or (a.pixel_values is None) != (b.pixel_values is None):
+        return False
+    return a.pixel_values is None or a.pixel_values is b.pixel_values or torch.equal(a.pixel_values, b.pixel_values)
+
+
+def packed_responses(flat: list[Rollout], loaded: Loaded, share_prompt: bool) -> tuple[list[Example], list[list[tuple[int, int]]]]:
+    """Training examples for the responses, and per example the (rollout index, offset) of each
+    response it holds, the offset being the position that predicts the response's first token.
+
+    Without `share_prompt`: one example per rollout (prompt + response). With it: consecutive
+    rollouts of the same prompt become one example, the prompt minus its last token once, then for
+    each response its prompt's last token and the response, positions continuing the prompt's
+    (`loaded.positions` of the full prompt + response, so mRoPE rows continue too). Only varlen
+    attention reads such a row correctly (a segment starting at position s > 0 sees the root's
+    first s tokens; `thinkvl.models.attention`). The images of a shared prompt appear once.
+    """
+    examples: list[Example] = []
+    where: list[list[tuple[int, int]]] = []
+    i = 0
+    while i < len(flat):
+        j = i + 1
+        if share_prompt:
+            while j < len(flat) and _same_prompt(flat[i], flat[j]):
+                j += 1
+        n_p = len(flat[i].prompt_ids)
+        if j - i == 1 or n_p < 2:
+            for r in range(i, j):
+                ex = flat[r].to_example()
+                ex.extra["positions"] = loaded.positions(ex)
+                examples.append(ex)
+                where.append([(r, n_p - 1)])
+            i = j
+            continue
+        first = flat[i].to_example()
+        cut = n_p - 1  # the prefix every response shares; each branch starts with the prompt's last token
+        ids, mask = list(first.input_ids[:cut]), list(first.loss_mask[:cut])
+        pos_first = loaded.positions(first)
+        pos = [pos_first[..., :cut]]
+        tt = list(first.extra["mm_token_type_ids"][:cut]) if "mm_token_type_ids" in first.extra else None
+        spots = []
+        for r in range(i, j):
+            ex, ex_pos = (first, pos_first) if r == i else (flat[r].to_example(), None)
+            spots.append((r, len(ids)))
+            ids += ex.input_ids[cut:]
+            mask += ex.loss_mask[cut:]
+            pos.append((loaded.positions(ex) if ex_pos is None else ex_pos)[..., cut:])
+            if tt is not None:
+                tt += ex.extra["mm_token_type_ids"][cut:]
+        extra = {"positions": torch.cat(pos, dim=-1)}
+        if tt is not None:
+            extra["mm_token_type_ids"] = tt
+        examples.append(Example(input_ids=ids, loss_mask=mask, pixel_values=first.pixel_values,
+                                image_grid_thw=first.image_grid_thw, extra=extra))
+        where.append(spots)
+        i = j
+    return examples, where
+
+
 def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: float,
-                      with_entropy: bool = False):
+                      with_entropy: bool = False, share_prompt: bool = False):
     """Current-policy log-probs of each response's tokens, from one forward pass.
 
-    Responses are packed best-fit into rows as long as the longest one (with an attention that
-    works on the whole row, as transformers' SDPA does, short rows bound the wasted work; thinkvl's
-    default varlen attention does not need it). Returns logp [B, Tr] (and entropy [B, Tr]), 0
-    beyond each response.
+    Responses (or, with `share_prompt`, whole groups that share a prompt: `packed_responses`) are
+    packed best-fit into rows as long as the longest example. Returns logp [B, Tr] (and entropy
+    [B, Tr]), 0 beyond each response.
     """
-    examples = [r.to_example() for r in flat]
+    examples, where = packed_responses(flat, loaded, share_prompt)
     t_max = max(r.length for r in flat)
     rows = bfd_pack([len(e) for e in examples], max(len(e) for e in examples))
-    batch = collate_rows(examples, rows, loaded.pad_id, loaded.positions)
+    batch = collate_rows(examples, rows, loaded.pad_id, lambda ex: ex.extra["positions"])
     out = token_logprobs(model, batch, temperature=temperature, with_entropy=with_entropy)
     lp, ent = out if with_entropy else (out, None)
     # One gather from the packed rows into [B, Tr] (its backward is a single index_put); slicing
     # each response out would give every slice a zero-filled copy of the whole batch to write into.
-    # Target position t predicts token t+1: response tokens are predicted from P-1 .. P+R-2.
+    # Target position t predicts token t+1: a response's tokens are predicted from offset .. offset+R-1.
     width = lp.shape[1]
     index = torch.zeros(len(flat), t_max, dtype=torch.long)
     for r_i, row in enumerate(rows):
         off = 0
-        for i in row:
-            n_p, n_r = len(flat[i].prompt_ids), flat[i].length
-            start = r_i * width + off + n_p - 1
-            index[i, :n_r] = torch.arange(start, start + n_r)
-            off += len(examples[i])
+        for e in row:
+            for i, at in where[e]:
+                start = r_i * width + off + at
+                index[i, : flat[i].length] = torch.arange(start, start + flat[i].length)
+            off += len(examples[e])
     valid = torch.arange(t_max) < torch.tensor([r.length for r in flat]).unsqueeze(1)
     index, valid = index.to(lp.device), valid.to(lp.device)
     logp = lp.reshape(-1)[index].masked_fill(~valid, 0.0)
@@ -191,6 +252,7 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
            loss_fn, n_global: int) -> dict[str, float]:
     """One optimiser step over this rank's responses (whole groups per micro-batch)."""
     per_mb = max(k, (cfg.loss.responses_per_micro_batch // k) * k)
+    share_prompt = cfg.loss.share_prompt and uses_varlen(model)
     # Global count each loss divides by (losses.py): responses for mirror descent, response tokens for
     # GRPO. FSDP averages gradients over ranks, hence / world.
     n_norm = n_global if cfg.loss.name == "mirror_descent" else D.all_reduce_sum(sum(r.length for r in flat), d)
@@ -198,7 +260,8 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
     stats_acc: dict[str, float] = {}
     for start in range(0, len(flat), per_mb):
         mb = flat[start : start + per_mb]
-        logp, ent = response_logprobs(model, mb, loaded, cfg.rollout.temperature, with_entropy=True)
+        logp, ent = response_logprobs(model, mb, loaded, cfg.rollout.temperature, with_entropy=True,
+                                      share_prompt=share_prompt)
         mask = torch.zeros_like(logp)
         ref = torch.zeros_like(logp)
         for i, r in enumerate(mb):
@@ -341,6 +404,10 @@ def train(cfg: RLConfig) -> RunDir:
     loss_fn = functools.partial(get_loss(cfg.loss.name),
                                 **({"tau": cfg.loss.tau} if cfg.loss.name == "mirror_descent"
                                    else {"clip_eps": cfg.loss.clip_eps}))
+    if cfg.loss.share_prompt and not uses_varlen(model):
+        log.info("loss.share_prompt: the model does not attend with thinkvl's varlen attention "
+                 "(model.attn_implementation=%s), so each response carries its own copy of the prompt",
+                 cfg.model.attn_implementation)
     model = D.shard(model, d)  # before the optimiser: fully_shard replaces the parameters
     groups = param_groups(model, cfg.model, cfg.loss.lr, cfg.loss.weight_decay)
     optim = torch.optim.AdamW(groups, betas=(0.9, 0.95), foreach=False)
