@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from thinkvl.rollout import hf_engine
-from thinkvl.rollout.cache import PreallocatedLayer, preallocated_cache
+from thinkvl.rollout.cache import PreallocatedLayer, fill_holes_order, in_place_ok, preallocated_cache
 from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.hf_engine import HFEngine
 
@@ -46,6 +46,23 @@ def test_dropping_rows_compacts_in_place():
     assert torch.equal(keys, torch.cat([k[[2]], new], 2)) and torch.equal(values, torch.cat([v[[2]], -new], 2))
     layer.batch_select_indices(torch.tensor([], dtype=torch.long))
     assert layer.keys.shape[0] == 0
+
+
+def test_holes_are_filled_from_the_tail():
+    assert fill_holes_order([0, 1, 2, 4, 5, 6, 7, 8, 9]) == [0, 1, 2, 9, 4, 5, 6, 7, 8]  # one row moves
+    assert fill_holes_order([1, 3]) == [3, 1] and fill_holes_order([0, 1]) == [0, 1] and fill_holes_order([]) == []
+    assert in_place_ok([0, 1, 2, 9, 4, 5, 6, 7, 8], 10) and in_place_ok([0, 2, 3], 4)
+    assert not in_place_ok([1, 1, 0], 3)  # repeats (a prompt's samples) gather into a new buffer
+    assert not in_place_ok([2, 0], 3)  # row 0 would be read after row 0 was overwritten
+    assert not in_place_ok([0, 3], 3)  # no such row
+    layer = PreallocatedLayer(capacity=6)
+    k = torch.randn(6, 2, 3, 4)
+    layer.update(k, -k)
+    ptr = layer._k.data_ptr()
+    order = fill_holes_order([0, 2, 4, 5])  # rows 1 and 3 finished
+    assert order == [0, 4, 2, 5]
+    layer.batch_select_indices(torch.tensor(order))
+    assert layer._k.data_ptr() == ptr and torch.equal(layer.keys, k[order]) and torch.equal(layer.values, -k[order])
 
 
 def test_engine_matches_dynamic_cache(vlm, images, monkeypatch):

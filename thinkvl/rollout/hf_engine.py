@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from thinkvl.data.chat import Example
 from thinkvl.models.load import Loaded
-from thinkvl.rollout.cache import preallocated_cache
+from thinkvl.rollout.cache import fill_holes_order, preallocated_cache
 from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.types import Rollout
 
@@ -314,7 +314,9 @@ class HFEngine:
             if not keep or step == sampling.max_new_tokens - 1:
                 break
             if len(keep) < len(active):
-                # Finished rows leave the batch: they no longer cost attention or MLP compute.
+                # Finished rows leave the batch: they no longer cost attention or MLP compute. Rows
+                # from the tail fill the holes, so the cache moves one row per row that left.
+                keep = fill_holes_order(keep)
                 sel = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(sel)
                 mask, next_pos, tokens = mask[sel], next_pos[sel], tokens[sel]
