@@ -238,3 +238,20 @@ def test_image_reliance_is_zero_for_a_model_that_cannot_see(tiny, tmp_path):
     finally:
         out.load_state_dict(saved)
     assert ev.image_reliance(loaded, problems[:1] + problems[3:], responses[:1] + responses[3:]) is None
+
+
+def test_greedy_metrics_per_task(monkeypatch):
+    # The in-training eval logs each task's greedy accuracy too: RL can trade one task for another
+    # while the overall figure stays where it was.
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: real(*a, engine=ScriptedEngine(), **kw))
+
+    class Loaded_(_RenderOnly):
+        model = torch.nn.Linear(1, 1)
+
+    m = ev.greedy_metrics(Loaded_(), PROBLEMS, SCORER, max_new_tokens=9)
+    assert m == {"eval/accuracy": 0.75, "eval/format": 0.5, "eval/response_length": 1.5,
+                 "eval/accuracy/add": 1.0, "eval/accuracy/count": 0.5}
+    one_task = [p for p in PROBLEMS if p["task"] == "add"]
+    assert set(ev.greedy_metrics(Loaded_(), one_task, SCORER, max_new_tokens=9)) == {
+        "eval/accuracy", "eval/format", "eval/response_length"}

@@ -341,13 +341,18 @@ def _first_image(problem: dict) -> str | None:
 
 
 def greedy_metrics(loaded: Loaded, problems: list[dict], verifier: str, max_new_tokens: int) -> dict[str, float]:
-    """Greedy accuracy, format compliance and response length, for logging inside training runs."""
+    """Greedy accuracy, format compliance and response length, for logging inside training runs; with
+    more than one task, also each task's greedy accuracy (`eval/accuracy/<task>`): RL can trade one
+    task for another while the overall figure stays put."""
     was_training = loaded.model.training
     loaded.model.eval()
     res = evaluate(loaded, problems, verifier=verifier, k=0, max_new_tokens=max_new_tokens, check_images=False)
     loaded.model.train(was_training)
     o = res.overall
-    return {"eval/accuracy": o["greedy_pass@1"], "eval/format": o["format_ok"], "eval/response_length": o["mean_length"]}
+    out = {"eval/accuracy": o["greedy_pass@1"], "eval/format": o["format_ok"], "eval/response_length": o["mean_length"]}
+    if len(res.by_task) > 1:
+        out.update({f"eval/accuracy/{task}": s["greedy_pass@1"] for task, s in sorted(res.by_task.items())})
+    return out
 
 
 def write_eval(result: EvalResult, out_dir: str | Path) -> Path:
