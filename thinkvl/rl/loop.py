@@ -161,7 +161,8 @@ def _same_prompt(a: Rollout, b: Rollout) -> bool:
     return a.pixel_values is None or a.pixel_values is b.pixel_values or torch.equal(a.pixel_values, b.pixel_values)
 
 
-def packed_responses(flat: list[Rollout], loaded: Loaded, share_prompt: bool) -> tuple[list[Example], list[list[tuple[int, int]]]]:
+def packed_responses(flat: list[Rollout], loaded: Loaded,
+                     share_prompt: bool) -> tuple[list[Example], list[list[tuple[int, int]]]]:
     """Training examples for the responses, and per example the (rollout index, offset) of each
     response it holds, the offset being the position that predicts the response's first token.
 
