@@ -249,7 +249,7 @@ def test_update_loss_is_mirror_descent_from_recorded_logprobs(toy):
     # Second step against the same pi_i: the log-ratio term now matters, and is taken from the recorded log-probs.
     assert abs(expected1 - adv_sq) > 1e-3
     assert out1["loss"] == pytest.approx(expected1, rel=1e-5)
-    assert out1["kl"] == pytest.approx(ratio1, rel=1e-4, abs=1e-6)
+    assert out1["kl"] == pytest.approx(-ratio1, rel=1e-4, abs=1e-6)  # KL(pi_i || pi_theta) ~ -E[log ratio]
 
 
 def test_update_grpo_normalises_by_response_tokens(toy):

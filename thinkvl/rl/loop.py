@@ -286,7 +286,8 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
     optim.zero_grad(set_to_none=True)
     out = {"loss": D.all_reduce_sum(total_loss, d) / d.world, "grad_norm": gnorm,
            "entropy": D.all_reduce_sum(ent_sum, d) / max(D.all_reduce_sum(ent_n, d), 1)}
-    out["kl"] = stats_acc.get("log_ratio_mean", 0.0) / max(len(flat), 1)
+    # responses were sampled from pi_i, so minus the mean sequence log-ratio estimates KL(pi_i || pi_theta)
+    out["kl"] = -stats_acc.get("log_ratio_mean", 0.0) / max(len(flat), 1)
     return out
 
 
