@@ -190,19 +190,18 @@ def packed_responses(flat: list[Rollout], loaded: Loaded,
                 where.append([(r, n_p - 1)])
             i = j
             continue
-        first = flat[i].to_example()
+        group = [flat[r].to_example() for r in range(i, j)]
+        positions = [loaded.positions(ex) for ex in group]
+        first = group[0]
         cut = n_p - 1  # the prefix every response shares; each branch starts with the prompt's last token
-        ids, mask = list(first.input_ids[:cut]), list(first.loss_mask[:cut])
-        pos_first = loaded.positions(first)
-        pos = [pos_first[..., :cut]]
+        ids, mask, pos = list(first.input_ids[:cut]), list(first.loss_mask[:cut]), [positions[0][..., :cut]]
         tt = list(first.extra["mm_token_type_ids"][:cut]) if "mm_token_type_ids" in first.extra else None
         spots = []
-        for r in range(i, j):
-            ex, ex_pos = (first, pos_first) if r == i else (flat[r].to_example(), None)
+        for r, ex, ex_pos in zip(range(i, j), group, positions):
             spots.append((r, len(ids)))
             ids += ex.input_ids[cut:]
             mask += ex.loss_mask[cut:]
-            pos.append((loaded.positions(ex) if ex_pos is None else ex_pos)[..., cut:])
+            pos.append(ex_pos[..., cut:])
             if tt is not None:
                 tt += ex.extra["mm_token_type_ids"][cut:]
         extra = {"positions": torch.cat(pos, dim=-1)}
