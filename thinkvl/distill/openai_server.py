@@ -236,12 +236,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no route POST {self.path}")
         faults = self.server.faults
         number = faults.enter()
+        self._counted = True
         try:
             self._chat(number)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (e.g. its timeout fired during an injected sleep)
         finally:
-            faults.leave()
+            self._uncount()
+
+    def _uncount(self) -> None:
+        """End this request's in-flight count (once): before its response goes out, because a client
+        may send its next request as soon as it has read this one, before this handler returns."""
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.server.faults.leave()
 
     def _chat(self, number: int) -> None:
         """Handle one chat request: read body, apply faults, auth, parse, generate, answer."""
@@ -304,6 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         """Send a JSON response with an explicit length (required for HTTP/1.1 keep-alive)."""
         data = json.dumps(payload).encode("utf-8")
+        self._uncount()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
