@@ -195,3 +195,38 @@ def test_packed_forward_with_cache_leaks_across_examples(vlm, images):
     assert torch.allclose(uncached, ref, atol=1e-5)
     assert torch.allclose(lp_packed, lp_alone, atol=1e-5)
     assert int(alone["target_mask"].sum()) > 0
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_last_mlp_runs_only_where_read(vlm, images, kind):
+    """Skipping the last layer's MLP at unread positions changes no log-prob and no gradient."""
+    from thinkvl.models.forward import hidden_states, last_decoder_mlp
+
+    loaded, model = vlm, vlm.model
+    examples = [loaded.render(c) for c in conversations(images, kind)]
+    batch = collate_rows(examples, [[0, 2], [1]], loaded.pad_id, loaded.positions)
+    mask = batch["target_mask"].bool()
+    mlp = last_decoder_mlp(model)
+    assert mlp is not None and mlp is model.model.language_model.layers[-1].mlp
+    rows_seen: list[int] = []
+    # a forward hook registered before the gather/scatter pair sees what the MLP really computed
+    handle = mlp.register_forward_hook(
+        lambda _m, _a, out: rows_seen.append((out[0] if isinstance(out, tuple) else out).shape[:-1].numel()))
+    try:
+        loss_full, g_full = loss_and_grads(model, lambda: -(hidden_states(model, batch).sum(-1) * mask).sum())
+        loss_kept, g_kept = loss_and_grads(
+            model, lambda: -(hidden_states(model, batch, keep=mask).sum(-1) * mask).sum())
+        _, g_lp_full = loss_and_grads(model, lambda: -(token_logprobs(model, {**batch, "target_mask": torch.ones_like(
+            batch["target_mask"])}) * mask).sum())
+        _, g_lp = loss_and_grads(model, lambda: mean_token_loss(model, batch) * mask.sum())
+    finally:
+        handle.remove()
+    assert rows_seen[0] == mask.numel() and rows_seen[1] == int(mask.sum()) < mask.numel()
+    assert rows_seen[2] == mask.numel() and rows_seen[3] == int(mask.sum())
+    assert loss_kept == pytest.approx(loss_full, rel=1e-6)
+    assert max_rel_diff(g_full, g_kept) < 1e-5
+    assert max_rel_diff(g_lp_full, g_lp) < 1e-5
+    h_full = hidden_states(model, batch).detach()
+    h_kept = hidden_states(model, batch, keep=mask).detach()
+    assert torch.allclose(h_full[mask], h_kept[mask], atol=1e-6)
+    assert not torch.allclose(h_full[~mask], h_kept[~mask], atol=1e-3)  # really skipped elsewhere
