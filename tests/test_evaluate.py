@@ -255,3 +255,22 @@ def test_greedy_metrics_per_task(monkeypatch):
     one_task = [p for p in PROBLEMS if p["task"] == "add"]
     assert set(ev.greedy_metrics(Loaded_(), one_task, SCORER, max_new_tokens=9)) == {
         "eval/accuracy", "eval/format", "eval/response_length"}
+
+
+def test_majority_answer_and_top_answer_share_hand_computed():
+    from thinkvl.eval.evaluate import ProblemResult, summarize
+
+    def res(task, answer, got):
+        return ProblemResult(id=f"{task}{answer}{got}", task=task, has_image=False, difficulty="all", answer=answer,
+                             extracted_answer=got, score=float(got == answer), format_ok=True, length=3,
+                             truncated=False)
+
+    # count: truths 1,1,1,2 -> answering "1" always scores 3/4; the model answers "1" to all four
+    # arith: truths 4,5 (a tie: 1 of 2); the model answers 4 and 9 (top share 1 of 2)
+    rs = [res("count", "1", "1"), res("count", "1", "1"), res("count", "1", "1"), res("count", "2", "1"),
+          res("arith", "4", "4"), res("arith", "5", "9")]
+    s = summarize(rs, k=0)
+    assert s["majority_answer"] == pytest.approx((3 + 1) / 6)
+    assert s["top_answer_share"] == pytest.approx((4 + 1) / 6)
+    assert s["greedy_pass@1"] == pytest.approx(4 / 6)  # all of count's 3/4 is the prior
+    assert summarize([], k=0)["majority_answer"] is None

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -125,8 +126,21 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _top_share_by_task(values: Sequence[tuple[str, str]]) -> float | None:
+    """Share of (task, value) pairs whose value is the most common one of its task."""
+    by_task: dict[str, Counter] = {}
+    for task, value in values:
+        by_task.setdefault(task, Counter())[value] += 1
+    return sum(c.most_common(1)[0][1] for c in by_task.values()) / len(values) if values else None
+
+
 def summarize(results: Sequence[ProblemResult], k: int) -> dict:
-    """Metrics of a group of problems (means over problems; None when a pass was not run)."""
+    """Metrics of a group of problems (means over problems; None when a pass was not run).
+
+    Two guards against reading an answer prior as skill: ``majority_answer`` is the accuracy of
+    answering every problem of a task with that task's most common reference answer (a model that
+    ignores the question scores up to this), and ``top_answer_share`` is the share of greedy answers
+    equal to the most common greedy answer of their task (near 1: the model answers a constant)."""
     greedy = [r for r in results if r.score is not None]
     sampled = [r for r in results if r.sample_scores]
     lengths = [r.length for r in greedy] or [n for r in sampled for n in r.sample_lengths]
@@ -141,6 +155,8 @@ def summarize(results: Sequence[ProblemResult], k: int) -> dict:
         "truncated": _mean([float(r.truncated) for r in greedy]),
         "sampled_mean_length": _mean([n for r in sampled for n in r.sample_lengths]),
         "sampled_truncated": _mean([float(t) for r in sampled for t in r.sample_truncated]),
+        "majority_answer": _top_share_by_task([(r.task, r.answer) for r in results]),
+        "top_answer_share": _top_share_by_task([(r.task, str(r.extracted_answer)) for r in greedy]),
     }
 
 

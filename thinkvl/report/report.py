@@ -134,14 +134,18 @@ def stage_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
     header = f"pass@{ks.pop()}" if same_k else "pass@k"
     # image reliance (thinkvl.eval.evaluate.image_reliance) only when some stage measured it
     vision = any(_num(s.get("image_reliance")) is not None for _, s in rows)
-    lines = [f"| stage | greedy acc | {header} | format | mean length | truncated |" + (" image reliance |" if vision else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|" if vision else "")]
+    top = any(_num(s.get("top_answer_share")) is not None for _, s in rows)
+    lines = [f"| stage | greedy acc | {header} | format | mean length | truncated |" + (" top answer |" if top else "")
+             + (" image reliance |" if vision else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if top else "") + ("---:|" if vision else "")]
     for name, s in rows:
         pass_k = _pct(s.get("pass_at_k"))
         if not same_k and _num(s.get("k")) is not None and pass_k != MISSING:
             pass_k += f" (k={int(s['k'])})"
         line = (f"| {name} | {_pct(s.get('greedy_pass1'))} | {pass_k} | {_pct(s.get('format_rate'))} "
                 f"| {_length(s.get('mean_length'))} | {_pct(s.get('truncated_frac'))} |")
+        if top:
+            line += f" {_pct(s.get('top_answer_share'))} |"
         if vision:
             r = _num(s.get("image_reliance"))
             line += f" {MISSING if r is None else f'{r:.2f}'} |"
@@ -158,11 +162,17 @@ def task_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
                 tasks.setdefault(task, d.get("n"))
     if not tasks:
         return ""
-    lines = ["| task | n | " + " | ".join(n for n, _ in rows) + " |",
-             "|---|---:|" + "---:|" * len(rows)]
+    # the best constant answer's accuracy: a property of the eval set, the same for every stage
+    majority = {task: next((m for _, s in rows if (m := _num(((s.get("by_task") or {}).get(task) or {})
+                                                             .get("majority_answer"))) is not None), None)
+                for task in tasks}
+    show_majority = any(m is not None for m in majority.values())
+    lines = ["| task | n | " + ("majority answer | " if show_majority else "") + " | ".join(n for n, _ in rows) + " |",
+             "|---|---:|" + ("---:|" if show_majority else "") + "---:|" * len(rows)]
     for task, n in tasks.items():
         cells = [_pct(((s.get("by_task") or {}).get(task) or {}).get("greedy_pass1")) for _, s in rows]
-        lines.append(f"| {task} | {n if n is not None else MISSING} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | {n if n is not None else MISSING} | " + (f"{_pct(majority[task])} | " if show_majority
+                                                                            else "") + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -173,7 +183,13 @@ def _results_section(rows: Sequence[tuple[str, Summary]]) -> str:
              "greedy acc: greedy pass@1; pass@k: at least one of k samples correct; format: responses in "
              "the expected think-then-answer format; mean length: mean response length in tokens; truncated: responses "
              "that hit the generation limit; image reliance (nats/token): log-prob of the greedy responses to image "
-             "problems with their own image minus with another problem's image, about 0 when the model ignores images."]
+             "problems with their own image minus with another problem's image, about 0 when the model ignores images; "
+             "top answer: share of greedy answers equal to the most common greedy answer of their task (near 100%: "
+             "the model answers a constant)."]
+    majority = next((m for _, s in rows if (m := _num(s.get("majority_answer"))) is not None), None)
+    if majority is not None:
+        parts += ["", f"Majority-answer baseline: answering every problem with its task's most common reference "
+                      f"answer scores {_pct(majority)} on this set; accuracy at or below it shows no skill."]
     tasks = task_table_markdown(rows)
     if tasks:
         parts += ["", "### Greedy accuracy by task", "", tasks]
