@@ -311,3 +311,19 @@ def test_vocabulary_corpus() -> None:
     for phrase in ("List the shapes", "How many", "sum of the digits", "What is", "Plan:",
                    "Row 1:", "Check:", "Expression:", "Start:", "\\boxed{", "<think>", "yellow"):
         assert phrase in joined, phrase
+
+
+def test_grounding_split_adds_describe_only_and_leaves_the_rest(tmp_path: Path, data: dict[str, Path]) -> None:
+    out = synth(tmp_path / "g", seed=0, n_sft=70, n_rl=60, n_eval=30, n_grounding=25)
+    for split in ("sft", "rl", "eval"):  # the other splits are byte-identical with or without it
+        assert out[split].read_bytes() == data[split].read_bytes(), split
+    grounding = read_jsonl(out["grounding"])
+    assert len(grounding) == 25 and {r["task"] for r in grounding} == {"describe"}
+    ids = [r["id"] for s in out.values() for r in read_jsonl(s)]
+    assert len(ids) == len(set(ids))
+    for r in grounding:
+        assert r["messages"][1]["content"] == r["answer"] == ", ".join(
+            f"{o['color']} {o['shape']}" for o in r["meta"]["objects"])
+        assert (out["grounding"].parent / r["messages"][0]["content"][0]["image"]).is_file()
+    with pytest.raises(ValueError, match="n_grounding"):
+        synth(tmp_path / "bad", n_grounding=-1)

@@ -1,7 +1,7 @@
 """`thinkvl` command line: one sub-command per stage of the recipe.
 
     thinkvl demo [--out DIR] [--quick]
-    thinkvl data synth --out DIR [--seed N] [--n-sft N] [--n-rl N] [--n-eval N]
+    thinkvl data synth --out DIR [--seed N] [--n-sft N] [--n-rl N] [--n-eval N] [--n-grounding N]
     thinkvl sft RECIPE.yaml [key=value ...]
     thinkvl distill RECIPE.yaml [key=value ...]
     thinkvl label RECIPE.yaml [key=value ...]
@@ -32,7 +32,7 @@ def _cmd_synth(a: argparse.Namespace) -> None:
 
     from thinkvl.data.synthetic import synth
 
-    paths = synth(Path(a.out), seed=a.seed, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval)
+    paths = synth(Path(a.out), seed=a.seed, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval, n_grounding=a.n_grounding)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-sft", type=int, default=2000)
     p.add_argument("--n-rl", type=int, default=500)
     p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--n-grounding", type=int, default=0,
+                   help="'list the shapes' conversations for a perception stage (grounding.jsonl)")
     p.set_defaults(fn=_cmd_synth)
 
     for name, fn, help_ in [("sft", _cmd_sft, "joint SFT and long-CoT SFT"),

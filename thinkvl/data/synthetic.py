@@ -520,13 +520,15 @@ def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response:
 def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_eval: int = 300,
           tasks: Sequence[str] | None = None, *, levels: tuple[int, int] | None = None,
           colors: Sequence[str] = DEFAULT_COLORS,
-          grid: tuple[int, int] = DEFAULT_GRID) -> dict[str, Path]:
+          grid: tuple[int, int] = DEFAULT_GRID, n_grounding: int = 0) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rl.jsonl`` and ``eval.jsonl`` (+ ``images/``) into ``out_dir``.
 
     Counts are totals per split, shared evenly over the tasks. ``sft`` holds conversations of
     all tasks (describe included) with short answers; ``rl`` and ``eval`` hold problems of the
-    verifiable tasks only. Each split draws from its own seed stream and ids never repeat
-    across splits, so ``eval`` is held out.
+    verifiable tasks only. With ``n_grounding`` > 0, ``grounding.jsonl`` holds that many
+    ``describe`` conversations (list the shapes in reading order), for a perception stage before
+    joint SFT. Each split draws from its own seed stream and ids never repeat across splits, so
+    ``eval`` is held out.
     """
     tasks = tuple(tasks) if tasks is not None else TASKS
     unknown = [t for t in tasks if t not in TASKS]
@@ -534,9 +536,13 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
         raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
     verifiable = [t for t in tasks if t in VERIFIABLE_TASKS]
     out_dir = Path(out_dir)
+    if n_grounding < 0:
+        raise ValueError(f"n_grounding must be >= 0, got {n_grounding}")
     plan = [("sft", split_counts(n_sft, tasks), True, 0),
             ("rl", split_counts(n_rl, verifiable), False, n_sft),
             ("eval", split_counts(n_eval, verifiable), False, n_sft + n_rl)]
+    if n_grounding:
+        plan.append(("grounding", {"describe": n_grounding}, True, n_sft + n_rl + n_eval))
     paths: dict[str, Path] = {}
     for name, counts, with_response, start in plan:
         path = out_dir / f"{name}.jsonl"
