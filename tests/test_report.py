@@ -18,6 +18,7 @@ from thinkvl.report.report import (
     before_after_stages,
     pick_examples,
     stage_table_markdown,
+    task_table_markdown,
     truncate_middle,
     write_report,
 )
@@ -239,6 +240,19 @@ def test_stage_table_markdown() -> None:
     vision = stage_table_markdown([("a", {"image_reliance": 0.513}), ("b", {"image_reliance": None})]).splitlines()
     assert vision[0].endswith("| truncated | image reliance |")
     assert vision[2:] == ["| a | — | — | — | — | — | 0.51 |", "| b | — | — | — | — | — | — |"]
+    top = stage_table_markdown([("a", {"top_answer_share": 0.925, "image_reliance": 0.1})]).splitlines()
+    assert top[0].endswith("| truncated | top answer | image reliance |")
+    assert top[2] == "| a | — | — | — | — | — | 92.5% | 0.10 |"
+
+
+def test_task_table_shows_the_majority_answer_once() -> None:
+    rows = [("sft", {"by_task": {"count": {"n": 40, "greedy_pass1": 0.55, "majority_answer": 0.6}}}),
+            ("rl", {"by_task": {"count": {"n": 40, "greedy_pass1": 0.6, "majority_answer": 0.6}}})]
+    lines = task_table_markdown(rows).splitlines()
+    assert lines[0] == "| task | n | majority answer | sft | rl |"
+    assert lines[2] == "| count | 40 | 60.0% | 55.0% | 60.0% |"
+    assert task_table_markdown([("sft", {"by_task": {"count": {"n": 4, "greedy_pass1": 0.5}}})]).splitlines()[0] == \
+        "| task | n | sft |"
 
 
 def test_truncate_middle_keeps_the_answer() -> None:
