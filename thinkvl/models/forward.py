@@ -8,6 +8,7 @@ with a cache transformers skips the packed-sequence mask and packed examples att
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -26,17 +27,24 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | No
     return out
 
 
+# model -> its last decoder MLP (or None): found once, not on every forward pass
+_LAST_MLP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def last_decoder_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
     """The MLP (dense or MoE) of the language model's last decoder layer, or None if not found.
 
     The decoder stack is the ``ModuleList`` named ``layers`` whose blocks are ``*DecoderLayer``
     (a vision tower's ``layers`` hold encoder blocks), as in Qwen2, Qwen2.5-VL, Qwen3-VL and the
     DeepseekV3 LM of Kimi-VL."""
+    if model in _LAST_MLP:
+        return _LAST_MLP[model]
     found = None
     for name, module in model.named_modules():
         if (isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module)
                 and type(module[-1]).__name__.endswith("DecoderLayer") and hasattr(module[-1], "mlp")):
             found = module[-1].mlp
+    _LAST_MLP[model] = found
     return found
 
 
@@ -44,7 +52,8 @@ def last_decoder_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
 def last_mlp_only_at(model: torch.nn.Module, keep: torch.Tensor | None) -> Iterator[None]:
     """Within the block, the last decoder layer's MLP runs only at the ``keep`` positions [R, T].
 
-    Exact for every read position: the last layer's MLP output at position t reaches nothing but
+    The same values at every read position (up to float rounding: the MLP's matmuls see fewer
+    rows, so their summation order can differ): the last layer's MLP output at position t reaches nothing but
     the final hidden state at t (attention mixes positions before the MLP), so positions whose
     final state is never read (prompts, images, padding: no LM head is applied there) can skip it.
     Elsewhere the MLP's output is 0. With a deep model this saves little; with the tiny demo models

@@ -162,17 +162,19 @@ def task_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
                 tasks.setdefault(task, d.get("n"))
     if not tasks:
         return ""
+    def stat(s: Summary, task: str, key: str) -> Any:
+        return ((s.get("by_task") or {}).get(task) or {}).get(key)
+
     # the best constant answer's accuracy: a property of the eval set, the same for every stage
-    majority = {task: next((m for _, s in rows if (m := _num(((s.get("by_task") or {}).get(task) or {})
-                                                             .get("majority_answer"))) is not None), None)
+    majority = {task: next((m for _, s in rows if (m := _num(stat(s, task, "majority_answer"))) is not None), None)
                 for task in tasks}
     show_majority = any(m is not None for m in majority.values())
     lines = ["| task | n | " + ("majority answer | " if show_majority else "") + " | ".join(n for n, _ in rows) + " |",
              "|---|---:|" + ("---:|" if show_majority else "") + "---:|" * len(rows)]
     for task, n in tasks.items():
-        cells = [_pct(((s.get("by_task") or {}).get(task) or {}).get("greedy_pass1")) for _, s in rows]
-        lines.append(f"| {task} | {n if n is not None else MISSING} | " + (f"{_pct(majority[task])} | " if show_majority
-                                                                            else "") + " | ".join(cells) + " |")
+        cells = [_pct(stat(s, task, "greedy_pass1")) for _, s in rows]
+        cells = ([_pct(majority[task])] if show_majority else []) + cells
+        lines.append(f"| {task} | {n if n is not None else MISSING} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
