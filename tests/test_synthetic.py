@@ -327,3 +327,59 @@ def test_grounding_split_adds_describe_only_and_leaves_the_rest(tmp_path: Path, 
         assert (out["grounding"].parent / r["messages"][0]["content"][0]["image"]).is_file()
     with pytest.raises(ValueError, match="n_grounding"):
         synth(tmp_path / "bad", n_grounding=-1)
+
+
+def test_worked_answers_change_only_the_sft_answers(tmp_path: Path, data: dict[str, Path]) -> None:
+    from thinkvl.distill.program_teacher import worked_response
+
+    out = synth(tmp_path / "w", seed=0, n_sft=70, n_rl=60, n_eval=30, answers="worked")
+    for split in ("rl", "eval"):
+        assert out[split].read_bytes() == data[split].read_bytes(), split
+    worked, direct = read_jsonl(out["sft"]), read_jsonl(data["sft"])
+    assert [r["id"] for r in worked] == [r["id"] for r in direct]
+    for w, d in zip(worked, direct):
+        assert w["messages"][:-1] == d["messages"][:-1] and w["meta"] == d["meta"]
+        assert w["messages"][-1] == {"role": "assistant", "content": worked_response(d)}
+        if w["task"] != "describe":
+            assert w["messages"][-1]["content"].endswith(f"\\boxed{{{w['answer']}}}.")
+    with pytest.raises(ValueError, match="answers must be one of"):
+        synth(tmp_path / "bad", n_sft=7, n_rl=0, n_eval=0, answers="long")
+
+
+def test_reading_scores_by_hand() -> None:
+    from thinkvl.data.synthetic import read_rows, reading_scores
+
+    scene = {"task": "count_color", "meta": {"grid": [4, 4], "objects": [
+        {"row": 0, "col": 1, "color": "red", "shape": "circle"},
+        {"row": 2, "col": 0, "color": "blue", "shape": "square"},
+        {"row": 2, "col": 3, "color": "red", "shape": "triangle"}]}}
+    right = "Row 1: red circle.\nRow 2: nothing.\nRow 3: blue square, red triangle.\nRow 4: nothing.\nSo 2."
+    assert reading_scores(scene, right) == (True, True)
+    assert reading_scores(scene, right.replace("red triangle", "red circle")) == (False, True)  # a shape wrong
+    assert reading_scores(scene, right.replace("blue square, red", "red square, blue")) == (False, False)  # order
+    assert reading_scores(scene, right.replace("Row 4: nothing.\n", "")) == (False, False)  # a row not read out
+    assert reading_scores(scene, "There are 2 red shapes.") == (False, False)
+    # a repaired row replaces its first reading (the teacher's "Let me list row k again")
+    repaired = right.replace("Row 3: blue square.", "").replace(
+        "Row 3: blue square, red triangle.", "Row 3: blue square.\nWait, I skipped the red triangle in row 3. "
+        "Let me list row 3 again: blue square, red triangle.")
+    assert reading_scores(scene, repaired) == (True, True)
+    digits = {"task": "digit_sum", "meta": {"grid": [4, 4], "digits": [
+        {"row": 1, "col": 0, "digit": 3}, {"row": 1, "col": 2, "digit": 8}]}}
+    assert reading_scores(digits, "Row 1: nothing.\nRow 2: 3, 8.\nRow 3: nothing.\nRow 4: nothing.") == (True, True)
+    assert reading_scores(digits, "Row 1: nothing.\nRow 2: 3, 9.\nRow 3: nothing.\nRow 4: nothing.") == (False, False)
+    assert reading_scores({"task": "arith", "meta": {"expression": "1 + 2"}}, right) is None
+    assert read_rows("Row 1: a.\nRow 2: b, c.", 2) == [["a"], ["b", "c"]]
+
+
+def test_worked_answers_and_teacher_traces_read_right() -> None:
+    from thinkvl.data.synthetic import reading_scores
+    from thinkvl.distill.program_teacher import ProgramTeacher, worked_response
+
+    teacher = ProgramTeacher(seed=3, mistake_rate=0.5, wrong_rate=0.0, explore_rate=0.5)
+    rng = random.Random(0)
+    for i, task in enumerate(IMAGE_TASKS * 8):
+        record = make_problem(task, i, rng)
+        assert reading_scores(record, worked_response(record)) == (True, True)
+        for text in teacher.sample(record, 2):  # caught mistakes included: the repaired row counts
+            assert reading_scores(record, text) == (True, True), text

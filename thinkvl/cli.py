@@ -2,6 +2,7 @@
 
     thinkvl demo [--out DIR] [--quick]
     thinkvl data synth --out DIR [--seed N] [--n-sft N] [--n-rl N] [--n-eval N] [--n-grounding N]
+                       [--answers direct|worked]
     thinkvl sft RECIPE.yaml [key=value ...]
     thinkvl distill RECIPE.yaml [key=value ...]
     thinkvl label RECIPE.yaml [key=value ...]
@@ -32,7 +33,8 @@ def _cmd_synth(a: argparse.Namespace) -> None:
 
     from thinkvl.data.synthetic import synth
 
-    paths = synth(Path(a.out), seed=a.seed, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval, n_grounding=a.n_grounding)
+    paths = synth(Path(a.out), seed=a.seed, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval,
+                  n_grounding=a.n_grounding, answers=a.answers)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--n-grounding", type=int, default=0,
                    help="'list the shapes' conversations for a perception stage (grounding.jsonl)")
+    p.add_argument("--answers", choices=("direct", "worked"), default="direct",
+                   help="SFT answers: the result only, or worked (read the image row by row / write the steps, then answer)")
     p.set_defaults(fn=_cmd_synth)
 
     for name, fn, help_ in [("sft", _cmd_sft, "joint SFT and long-CoT SFT"),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "ANSWER_STYLES",
     "ARITH_MAX",
     "BACKGROUND",
     "CELL",
@@ -59,8 +61,11 @@ __all__ = [
     "expression_text",
     "make_problem",
     "question_text",
+    "read_rows",
+    "reading_scores",
     "reduce_steps",
     "render_scene",
+    "scene_rows",
     "short_response",
     "split_counts",
     "synth",
@@ -469,9 +474,67 @@ def short_response(record: dict[str, Any]) -> str:
     raise ValueError(f"unknown task {task!r}")
 
 
-def _with_response(record: dict[str, Any]) -> dict[str, Any]:
+ANSWER_STYLES: tuple[str, ...] = ("direct", "worked")
+"""``direct``: :func:`short_response`. ``worked``: the program teacher's clean working without
+plan and checks (rows read out, then counted or added; see ``worked_response``)."""
+
+
+_ROW_LINE = re.compile(r"^Row (\d+): (.*)\.$", re.MULTILINE)
+_ROW_AGAIN = re.compile(r"Let me (?:list|read) row (\d+) again: (.*)\.$", re.MULTILINE)
+
+
+def scene_rows(meta: dict[str, Any]) -> list[list[str]] | None:
+    """What a right reading lists in each row (``["red circle", ...]`` or ``["7", ...]``), top to
+    bottom; None for a record without a scene (text tasks)."""
+    items = meta.get("objects", meta.get("digits"))
+    if items is None or "grid" not in meta:
+        return None
+    rows: list[list[str]] = [[] for _ in range(meta["grid"][0])]
+    for item in items:  # already in reading order
+        rows[item["row"]].append(str(item["digit"]) if "digit" in item else f"{item['color']} {item['shape']}")
+    return rows
+
+
+def read_rows(text: str, n_rows: int) -> list[list[str]] | None:
+    """The rows a response reads out (``Row 2: red circle, blue square.`` lines; a repaired row,
+    ``Let me list row 2 again: ...``, replaces its first reading); None unless every row 1..n_rows
+    is read out."""
+    found: dict[int, list[str]] = {}
+    events = sorted([(m.start(), m) for m in _ROW_LINE.finditer(text)]
+                    + [(m.start(), m) for m in _ROW_AGAIN.finditer(text)], key=lambda e: e[0])
+    for _, m in events:
+        row, listed = int(m.group(1)), m.group(2).strip()
+        if 1 <= row <= n_rows and (row not in found or m.re is _ROW_AGAIN):
+            found[row] = [] if listed == "nothing" else [x.strip() for x in listed.split(",")]
+    return [found[r] for r in range(1, n_rows + 1)] if len(found) == n_rows else None
+
+
+def reading_scores(record: dict[str, Any], text: str) -> tuple[bool, bool] | None:
+    """(every row read exactly right, every row's colours right) for a response to an image
+    record; digits count as colours. None for records without a scene. A response that does not
+    read out every row scores (False, False)."""
+    truth = scene_rows(record.get("meta") or {})
+    if truth is None:
+        return None
+    got = read_rows(text, len(truth))
+    if got is None:
+        return False, False
+
+    def colours(rows: list[list[str]]) -> list[list[str]]:
+        return [[item.split(" ")[0] for item in row] for row in rows]
+
+    return got == truth, colours(got) == colours(truth)
+
+
+def _with_response(record: dict[str, Any], answers: str = "direct") -> dict[str, Any]:
+    if answers == "worked":
+        from thinkvl.distill.program_teacher import worked_response  # distill depends on data
+
+        text = worked_response(record)
+    else:
+        text = short_response(record)
     out = dict(record)
-    out["messages"] = record["messages"] + [{"role": "assistant", "content": short_response(record)}]
+    out["messages"] = record["messages"] + [{"role": "assistant", "content": text}]
     return out
 
 
@@ -486,14 +549,16 @@ def split_counts(total: int, tasks: Sequence[str]) -> dict[str, int]:
 def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response: bool,
                 levels: tuple[int, int] | None = None, *, start_index: int = 0,
                 colors: Sequence[str] = DEFAULT_COLORS,
-                grid: tuple[int, int] = DEFAULT_GRID) -> dict[str, int]:
+                grid: tuple[int, int] = DEFAULT_GRID, answers: str = "direct") -> dict[str, int]:
     """Write ``tasks`` (task -> count) as JSONL, images in ``images/`` beside it; return counts.
 
     Records are shuffled across tasks; record ``i`` gets id ``{task}-{start_index + i:06d}`` and
     its own generator seeded from (seed, index). ``levels`` = (low, high) bounds the uniformly
     drawn difficulty levels (default: all levels). ``with_response`` adds the short answer as an
-    assistant turn (joint-SFT conversations).
+    assistant turn (joint-SFT conversations), in the style ``answers`` (:data:`ANSWER_STYLES`).
     """
+    if answers not in ANSWER_STYLES:
+        raise ValueError(f"answers must be one of {ANSWER_STYLES}, got {answers!r}")
     low, high = levels if levels is not None else (1, MAX_LEVEL)
     if not 1 <= low <= high <= MAX_LEVEL:
         raise ValueError(f"levels must satisfy 1 <= low <= high <= {MAX_LEVEL}, got {levels}")
@@ -511,7 +576,7 @@ def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response:
             record = make_problem(task, index, random.Random(_derive_seed(seed, "record", index)),
                                   level, image_dir, "images", colors=colors, grid=grid)
             if with_response:
-                record = _with_response(record)
+                record = _with_response(record, answers)
             f.write(json.dumps(record) + "\n")
             counts[task] += 1
     return counts
@@ -520,14 +585,17 @@ def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response:
 def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_eval: int = 300,
           tasks: Sequence[str] | None = None, *, levels: tuple[int, int] | None = None,
           colors: Sequence[str] = DEFAULT_COLORS,
-          grid: tuple[int, int] = DEFAULT_GRID, n_grounding: int = 0) -> dict[str, Path]:
+          grid: tuple[int, int] = DEFAULT_GRID, n_grounding: int = 0,
+          answers: str = "direct") -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rl.jsonl`` and ``eval.jsonl`` (+ ``images/``) into ``out_dir``.
 
     Counts are totals per split, shared evenly over the tasks. ``sft`` holds conversations of
     all tasks (describe included) with short answers; ``rl`` and ``eval`` hold problems of the
     verifiable tasks only. With ``n_grounding`` > 0, ``grounding.jsonl`` holds that many
     ``describe`` conversations (list the shapes in reading order), for a perception stage before
-    joint SFT. Each split draws from its own seed stream and ids never repeat across splits, so
+    joint SFT. ``answers`` picks the style of the ``sft`` and ``grounding`` answers
+    (:data:`ANSWER_STYLES`): ``direct`` states the result, ``worked`` reads the image out row by
+    row (or writes out the steps) before it. Each split draws from its own seed stream and ids never repeat across splits, so
     ``eval`` is held out.
     """
     tasks = tuple(tasks) if tasks is not None else TASKS
@@ -547,7 +615,7 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
     for name, counts, with_response, start in plan:
         path = out_dir / f"{name}.jsonl"
         write_split(path, counts, _derive_seed(seed, name), with_response, levels,
-                    start_index=start, colors=colors, grid=grid)
+                    start_index=start, colors=colors, grid=grid, answers=answers)
         paths[name] = path
     return paths
 
