@@ -274,3 +274,17 @@ def test_majority_answer_and_top_answer_share_hand_computed():
     assert s["top_answer_share"] == pytest.approx((4 + 1) / 6)
     assert s["greedy_pass@1"] == pytest.approx(4 / 6)  # all of count's 3/4 is the prior
     assert summarize([], k=0)["majority_answer"] is None
+
+
+def test_reading_is_the_mean_over_scene_problems_only():
+    from thinkvl.eval.evaluate import ProblemResult, summarize
+
+    def res(i, reading):
+        r = ProblemResult(id=str(i), task="t", has_image=reading is not None, difficulty="all", answer="1",
+                          extracted_answer="1", score=1.0, format_ok=True, length=3, truncated=False)
+        r.reading, r.reading_colors = reading or (None, None)
+        return r
+
+    s = summarize([res(0, (True, True)), res(1, (False, True)), res(2, (False, False)), res(3, None)], k=0)
+    assert s["reading"] == pytest.approx(1 / 3) and s["reading_colors"] == pytest.approx(2 / 3)
+    assert summarize([res(3, None)], k=0)["reading"] is None

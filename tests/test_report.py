@@ -243,6 +243,9 @@ def test_stage_table_markdown() -> None:
     top = stage_table_markdown([("a", {"top_answer_share": 0.925, "image_reliance": 0.1})]).splitlines()
     assert top[0].endswith("| truncated | top answer | image reliance |")
     assert top[2] == "| a | — | — | — | — | — | 92.5% | 0.10 |"
+    reads = stage_table_markdown([("a", {"top_answer_share": 0.5, "reading_colors": 0.875}), ("b", {})]).splitlines()
+    assert reads[0].endswith("| truncated | top answer | reads colours |")
+    assert reads[2:] == ["| a | — | — | — | — | — | 50.0% | 87.5% |", "| b | — | — | — | — | — | — | — |"]
 
 
 def test_task_table_shows_the_majority_answer_once() -> None:

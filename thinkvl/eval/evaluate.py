@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from thinkvl.data.synthetic import reading_scores
 from thinkvl.models.load import Loaded
 from thinkvl.rollout.engine import GenerationEngine, SamplingParams
 from thinkvl.rollout.types import Rollout
@@ -116,6 +117,10 @@ class ProblemResult:
     sample_scores: list[float] = field(default_factory=list)  # [n]
     sample_lengths: list[int] = field(default_factory=list)  # [n]
     sample_truncated: list[bool] = field(default_factory=list)  # [n]
+    # synthetic scenes only (thinkvl.data.synthetic.reading_scores): the greedy response read every
+    # row out exactly right / with the right colours (digits count as colours); None otherwise
+    reading: bool | None = None
+    reading_colors: bool | None = None
 
     @property
     def n_correct(self) -> int:
@@ -142,6 +147,7 @@ def summarize(results: Sequence[ProblemResult], k: int) -> dict:
     ignores the question scores up to this), and ``top_answer_share`` is the share of greedy answers
     equal to the most common greedy answer of their task (near 1: the model answers a constant)."""
     greedy = [r for r in results if r.score is not None]
+    read = [r for r in greedy if r.reading is not None]
     sampled = [r for r in results if r.sample_scores]
     lengths = [r.length for r in greedy] or [n for r in sampled for n in r.sample_lengths]
     return {
@@ -157,6 +163,8 @@ def summarize(results: Sequence[ProblemResult], k: int) -> dict:
         "sampled_truncated": _mean([float(t) for r in sampled for t in r.sample_truncated]),
         "majority_answer": _top_share_by_task([(r.task, r.answer) for r in results]),
         "top_answer_share": _top_share_by_task([(r.task, str(r.extracted_answer)) for r in greedy]),
+        "reading": _mean([float(r.reading) for r in read]),
+        "reading_colors": _mean([float(r.reading_colors) for r in read]),
     }
 
 
@@ -262,8 +270,9 @@ def evaluate(
     ]
     if greedy:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=True, seed=seed)
-        for res, (r,) in zip(results, _generate_all(engine, prompts, 1, sampling, "greedy")):
+        for p, res, (r,) in zip(problems, results, _generate_all(engine, prompts, 1, sampling, "greedy")):
             res.score, res.format_ok = _score(scorer, r, res.answer, require_format)
+            res.reading, res.reading_colors = reading_scores(p, r.response_text) or (None, None)
             res.greedy_response, res.extracted_answer = r.response_text, scorer.extract_answer(r.response_text)
             res.length, res.truncated = r.length, r.truncated
     if n > 0:
@@ -359,7 +368,7 @@ def _first_image(problem: dict) -> str | None:
 def greedy_metrics(loaded: Loaded, problems: list[dict], verifier: str, max_new_tokens: int) -> dict[str, float]:
     """Greedy accuracy, format compliance and response length, for logging inside training runs; with
     more than one task, also each task's greedy accuracy (`eval/accuracy/<task>`): RL can trade one
-    task for another while the overall figure stays put."""
+    task for another while the overall figure stays put; with synthetic scenes, `eval/reads_colours`."""
     was_training = loaded.model.training
     loaded.model.eval()
     res = evaluate(loaded, problems, verifier=verifier, k=0, max_new_tokens=max_new_tokens, check_images=False)
@@ -368,6 +377,8 @@ def greedy_metrics(loaded: Loaded, problems: list[dict], verifier: str, max_new_
     out = {"eval/accuracy": o["greedy_pass@1"], "eval/format": o["format_ok"], "eval/response_length": o["mean_length"]}
     if len(res.by_task) > 1:
         out.update({f"eval/accuracy/{task}": s["greedy_pass@1"] for task, s in sorted(res.by_task.items())})
+    if o["reading_colors"] is not None:  # synthetic scenes: is the model still reading the image out right?
+        out["eval/reads_colours"] = o["reading_colors"]
     return out
 
 
@@ -403,6 +414,9 @@ def format_table(result: EvalResult) -> str:
     if result.overall.get("image_reliance") is not None:
         lines.append(f"image reliance: {result.overall['image_reliance']:.3f} nats/token (log-prob of the greedy "
                      "responses with their own image minus with another problem's; ~0 = the image is ignored)")
+    if result.overall.get("reading") is not None:
+        lines.append(f"reading: {_fmt(result.overall['reading_colors'])}% of greedy responses to scene problems read "
+                     f"every row's colours (digits) out right, {_fmt(result.overall['reading'])}% every object exactly")
     for title, groups in (("task", result.by_task), ("difficulty", result.by_difficulty),
                           ("modality", result.by_modality)):
         if len(groups) > 1:

@@ -135,9 +135,11 @@ def stage_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
     # image reliance (thinkvl.eval.evaluate.image_reliance) only when some stage measured it
     vision = any(_num(s.get("image_reliance")) is not None for _, s in rows)
     top = any(_num(s.get("top_answer_share")) is not None for _, s in rows)
+    reads = any(_num(s.get("reading_colors")) is not None for _, s in rows)
     lines = [f"| stage | greedy acc | {header} | format | mean length | truncated |" + (" top answer |" if top else "")
-             + (" image reliance |" if vision else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|" if top else "") + ("---:|" if vision else "")]
+             + (" reads colours |" if reads else "") + (" image reliance |" if vision else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if top else "") + ("---:|" if reads else "")
+             + ("---:|" if vision else "")]
     for name, s in rows:
         pass_k = _pct(s.get("pass_at_k"))
         if not same_k and _num(s.get("k")) is not None and pass_k != MISSING:
@@ -146,6 +148,8 @@ def stage_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
                 f"| {_length(s.get('mean_length'))} | {_pct(s.get('truncated_frac'))} |")
         if top:
             line += f" {_pct(s.get('top_answer_share'))} |"
+        if reads:
+            line += f" {_pct(s.get('reading_colors'))} |"
         if vision:
             r = _num(s.get("image_reliance"))
             line += f" {MISSING if r is None else f'{r:.2f}'} |"
@@ -187,7 +191,8 @@ def _results_section(rows: Sequence[tuple[str, Summary]]) -> str:
              "that hit the generation limit; image reliance (nats/token): log-prob of the greedy responses to image "
              "problems with their own image minus with another problem's image, about 0 when the model ignores images; "
              "top answer: share of greedy answers equal to the most common greedy answer of their task (near 100%: "
-             "the model answers a constant)."]
+             "the model answers a constant); reads colours: share of greedy responses to scene problems whose "
+             "\"Row k: ...\" lines name every object's colour (digit) in the right row and order (shapes ignored)."]
     majority = next((m for _, s in rows if (m := _num(s.get("majority_answer"))) is not None), None)
     if majority is not None:
         parts += ["", f"Majority-answer baseline: answering every problem with its task's most common reference "
