@@ -144,7 +144,7 @@ def test_worked_response_by_hand() -> None:
         "target": {"colors": ["red"]}}}
     assert worked_response(record) == (
         "Row 1: red circle.\nRow 2: nothing.\nRow 3: blue square, red triangle.\nRow 4: nothing.\n"
-        "That is 3 shapes.\nCounting red: red circle is 1, red triangle is 2.\n"
+        "That is 3 shapes.\nCounting red: red circle 1, blue square no, red triangle 2.\n"
         "So there are 2 red shapes.\nThe answer is \\boxed{2}.")
 
 
@@ -160,3 +160,18 @@ def test_worked_response_is_the_clean_trace_without_plan_and_checks(task: str) -
             assert final == f"The answer is \\boxed{{{record['answer']}}}."
         if task in SHAPE_TASKS + ("describe", "digit_sum"):
             assert text.startswith("Row 1: ")
+
+
+@pytest.mark.parametrize("task", SHAPE_TASKS)
+def test_tally_scans_every_listed_object_with_a_running_count(task: str) -> None:
+    for record in records(task):
+        think, answer = parse(trace(record, random.Random(1)))
+        tally = next(line for line in think.split("\n") if line.startswith("Counting "))
+        objs = record["meta"]["objects"]
+        if not objs:
+            assert tally.endswith("nothing is listed, so 0.") and answer == "0"
+            continue
+        marks = tally.split(": ", 1)[1].rstrip(".").split(", ")
+        assert [m.rsplit(" ", 1)[0] for m in marks] == [f"{o['color']} {o['shape']}" for o in objs]
+        numbers = [m.rsplit(" ", 1)[1] for m in marks if not m.endswith(" no")]
+        assert numbers == [str(i + 1) for i in range(len(numbers))] and str(len(numbers)) == answer

@@ -272,11 +272,29 @@ def test_levels_and_difficulty_knob(tmp_path: Path) -> None:
         write_split(tmp_path / "bad.jsonl", {"arith": 1}, seed=0, with_response=False, levels=(0, 9))
 
 
-def test_zero_counts_are_rare_but_present() -> None:
+@pytest.mark.parametrize("task", ["count_color", "count_shape", "sum_colors"])
+def test_counting_answers_are_uniform_over_0_to_level(task: str) -> None:
     rng = random.Random(2)
-    answers = [make_problem("count_color", i, rng)["answer"] for i in range(400)]
-    share = answers.count("0") / len(answers)
-    assert 0.0 < share < 0.2
+    for level in (1, 3, 6):
+        answers = [make_problem(task, i, rng, level=level)["answer"] for i in range(700)]
+        expected = 700 / (level + 1)
+        counts = {str(t): answers.count(str(t)) for t in range(level + 1)}
+        assert set(answers) == set(counts), (level, set(answers))
+        # each value within 5 binomial standard deviations of uniform
+        sd = (700 * (1 / (level + 1)) * (1 - 1 / (level + 1))) ** 0.5
+        assert all(abs(c - expected) < 5 * sd for c in counts.values()), (level, counts)
+    # over all levels no constant answer is right more than about a quarter of the time
+    answers = [make_problem(task, i, rng)["answer"] for i in range(1200)]
+    assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.3
+
+
+def test_counting_answer_matches_the_scene() -> None:
+    rng = random.Random(5)
+    for i in range(200):
+        r = make_problem(("count_color", "count_shape", "sum_colors")[i % 3], i, rng)
+        target, objs = r["meta"]["target"], r["meta"]["objects"]
+        hits = [o for o in objs if (o["shape"] == target["shape"] if "shape" in target else o["color"] in target["colors"])]
+        assert str(len(hits)) == r["answer"]
 
 
 def test_yellow_option_and_render_scene(tmp_path: Path) -> None:

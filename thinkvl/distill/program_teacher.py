@@ -235,10 +235,21 @@ def _target(task: str, meta: dict[str, Any]) -> _Target:
                    "color", colors, palette)
 
 
-def _tally(label: str, items: Sequence[dict[str, Any]]) -> str:
-    if not items:
-        return f"{label} none, so 0."
-    return label + " " + ", ".join(f"{_name(o)} is {i + 1}" for i, o in enumerate(items)) + "."
+def _tally(label: str, objs: Sequence[dict[str, Any]], counted: Sequence[dict[str, Any]]) -> str:
+    """``Counting red: red circle 1, blue square no, red triangle 2.``: every listed object in
+    reading order, each counted one with the running count. A scan with a running count is a step a
+    tiny model can take one object at a time; naming only the counted objects (``red circle is 1,
+    red triangle is 2``) asked it to find the next match itself, and it mostly did not."""
+    if not objs:
+        return f"{label} nothing is listed, so 0."
+    marks, n = [], 0
+    for o in objs:
+        if any(o is c for c in counted):
+            n += 1
+            marks.append(f"{_name(o)} {n}")
+        else:
+            marks.append(f"{_name(o)} no")
+    return f"{label} " + ", ".join(marks) + "."
 
 
 def _count_check(counted: int, others: int, listed: int) -> str:
@@ -267,7 +278,7 @@ def _count_lines(objs: Sequence[dict], target: _Target, style: _Style) -> Lines:
     """Tally, conclusion and check; a mistake miscounts first and is caught by the check."""
     hits = [o for o in objs if target.matches(o)]
     others = len(objs) - len(hits)
-    right = [_tally(target.label, hits),
+    right = [_tally(target.label, objs, hits),
              f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}.",
              _count_check(len(hits), others, len(objs))]
     kinds = (["skip"] if hits else []) + (["extra"] if others else [])
@@ -282,7 +293,7 @@ def _count_lines(objs: Sequence[dict], target: _Target, style: _Style) -> Lines:
         bad = style.rng.choice([o for o in objs if not target.matches(o)])
         first = [o for o in objs if target.matches(o) or o is bad]
         why = f"Wait, the {_name(bad)} in row {bad['row'] + 1} {target.negation}. Let me recount."
-    wrong = [_tally(target.label, first),
+    wrong = [_tally(target.label, objs, first),
              f"So {_sentence_case(count_phrase(len(first), target.singular, target.plural))}.",
              _count_check(len(first), others, len(objs)), why]
     return wrong + right
