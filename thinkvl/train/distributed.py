@@ -125,4 +125,8 @@ def load_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, state
 
 def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
+        # Every rank reaches this point before any tears its gloo pairs down: a rank that destroyed the
+        # group while its peer still had traffic in flight died in C++ ("terminate called without an
+        # active exception", SIGABRT), seen twice in the 2-process RL test on a loaded machine.
+        dist.barrier()
         dist.destroy_process_group()
