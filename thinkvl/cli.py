@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-grounding", type=int, default=0,
                    help="'list the shapes' conversations for a perception stage (grounding.jsonl)")
     p.add_argument("--answers", choices=("direct", "worked"), default="direct",
-                   help="SFT answers: the result only, or worked (read the image row by row / write the steps, then answer)")
+                   help="SFT answers: the result only, or worked (read the image row by row or write "
+                        "the steps, then answer)")
     p.set_defaults(fn=_cmd_synth)
 
     for name, fn, help_ in [("sft", _cmd_sft, "joint SFT and long-CoT SFT"),

@@ -592,8 +592,8 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
     ``describe`` conversations (list the shapes in reading order), for a perception stage before
     joint SFT. ``answers`` picks the style of the ``sft`` and ``grounding`` answers
     (:data:`ANSWER_STYLES`): ``direct`` states the result, ``worked`` reads the image out row by
-    row (or writes out the steps) before it. Each split draws from its own seed stream and ids never repeat across splits, so
-    ``eval`` is held out.
+    row (or writes out the steps) before it. Each split draws from its own seed stream and ids
+    never repeat across splits, so ``eval`` is held out.
     """
     tasks = tuple(tasks) if tasks is not None else TASKS
     unknown = [t for t in tasks if t not in TASKS]

@@ -415,8 +415,9 @@ def format_table(result: EvalResult) -> str:
         lines.append(f"image reliance: {result.overall['image_reliance']:.3f} nats/token (log-prob of the greedy "
                      "responses with their own image minus with another problem's; ~0 = the image is ignored)")
     if result.overall.get("reading") is not None:
-        lines.append(f"reading: {_fmt(result.overall['reading_colors'])}% of greedy responses to scene problems read "
-                     f"every row's colours (digits) out right, {_fmt(result.overall['reading'])}% every object exactly")
+        o = result.overall
+        lines.append(f"reading: {_fmt(o['reading_colors'])}% of greedy responses to scene problems read every "
+                     f"row's colours (digits) out right, {_fmt(o['reading'])}% every object exactly")
     for title, groups in (("task", result.by_task), ("difficulty", result.by_difficulty),
                           ("modality", result.by_modality)):
         if len(groups) > 1:
