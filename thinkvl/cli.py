@@ -21,6 +21,7 @@ import sys
 
 from thinkvl.config import ConfigError
 from thinkvl.data.formats import DataError
+from thinkvl.data.synthetic import ANSWER_STYLES
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--n-grounding", type=int, default=0,
                    help="'list the shapes' conversations for a perception stage (grounding.jsonl)")
-    p.add_argument("--answers", choices=("direct", "worked"), default="direct",
+    p.add_argument("--answers", choices=ANSWER_STYLES, default="direct",
                    help="SFT answers: the result only, or worked (read the image row by row or write "
                         "the steps, then answer)")
     p.set_defaults(fn=_cmd_synth)

@@ -109,7 +109,7 @@ def worked_response(record: dict[str, Any]) -> str:
         Row 2: nothing.
         ...
         That is 4 shapes.
-        Counting red: red triangle is 1.
+        Counting red: blue square no, blue square no, blue circle no, red triangle 1.
         So there is 1 red shape.
         The answer is \\boxed{1}.
 
