@@ -41,8 +41,9 @@ def test_right_answers_and_format(task: str) -> None:
                 last_row = max(i for i, line in enumerate(lines) if line.startswith("Row "))
                 assert lines[0].startswith("Row 1: ") and "Plan:" not in "\n".join(lines[:last_row])
                 assert any(line.startswith("Plan:") for line in lines[last_row:])
-            else:
-                assert think.startswith("Plan:")
+            else:  # the problem restated first, as in the worked answers; the plan second
+                first, second = think.split("\n")[:2]
+                assert first.startswith(("Expression: ", "Start: ")) and second.startswith("Plan:")
             assert 25 <= len(text.split()) <= 170, len(text.split())
 
 
@@ -86,15 +87,13 @@ def test_traces_enumerate_the_scene_before_counting(task: str) -> None:
     for record in records(task, per_level=3):
         text = trace(record, rng, mistake=rng.random() < 0.5)
         listed: dict[int, str] = {}
-        for m in re.finditer(r"Row (\d+): ([^\n]*)\.\n|row (\d+) again: ([^\n]*)\.\n", text):
+        for m in re.finditer(r"Row (\d+): ([^.\n]*)\.|list row (\d+) again: ([^.\n]*)\.", text):
             row, items = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
             listed[int(row)] = items  # a repaired row replaces its first listing
         objs = record["meta"]["objects"]
         expected = {r + 1: ", ".join(f"{o['color']} {o['shape']}" for o in objs if o["row"] == r)
                     or "nothing" for r in range(record["meta"]["grid"][0])}
         assert listed == expected, text
-        if task != "describe":
-            assert text.index("Row 1:") < text.index("Counting")
 
 
 def test_reading_digits_before_adding() -> None:
@@ -143,9 +142,11 @@ def test_worked_response_by_hand() -> None:
                     {"row": 2, "col": 3, "color": "red", "shape": "triangle"}],
         "target": {"colors": ["red"]}}}
     assert worked_response(record) == (
-        "Row 1: red circle.\nRow 2: nothing.\nRow 3: blue square, red triangle.\nRow 4: nothing.\n"
-        "That is 3 shapes.\nCounting red: red circle 1, blue square no, red triangle 2.\n"
-        "So there are 2 red shapes.\nThe answer is \\boxed{2}.")
+        "Row 1: red circle. Red: 1, so far 1.\n"
+        "Row 2: nothing. Red: 0, so far 1.\n"
+        "Row 3: blue square, red triangle. Red: 1, so far 2.\n"
+        "Row 4: nothing. Red: 0, so far 2.\n"
+        "That is 3 shapes.\nSo there are 2 red shapes.\nThe answer is \\boxed{2}.")
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -162,16 +163,46 @@ def test_worked_response_is_the_clean_trace_without_plan_and_checks(task: str) -
             assert text.startswith("Row 1: ")
 
 
+ROW_COUNT = re.compile(r"(?:^Row (\d+): |Let me (?:list|count) row (\d+) again: )(?:([^.\n]*)\. )?"
+                       r"([A-Z][a-z ]*): (\d+), so far (\d+)\.$", re.MULTILINE)
+
+
 @pytest.mark.parametrize("task", SHAPE_TASKS)
-def test_tally_scans_every_listed_object_with_a_running_count(task: str) -> None:
+@pytest.mark.parametrize("mistake", [False, True])
+def test_each_row_is_counted_where_it_is_listed(task: str, mistake: bool) -> None:
+    """Every row line counts the matches among the objects it lists and adds them to the running
+    count of the row before; a repaired row (listed or counted again) replaces its first count,
+    every row's last count is right, and the last running count is the answer."""
+    rng = random.Random(1)
+    seen_wait = 0
     for record in records(task):
-        think, answer = parse(trace(record, random.Random(1)))
-        tally = next(line for line in think.split("\n") if line.startswith("Counting "))
-        objs = record["meta"]["objects"]
-        if not objs:
-            assert tally.endswith("nothing is listed, so 0.") and answer == "0"
-            continue
-        marks = tally.split(": ", 1)[1].rstrip(".").split(", ")
-        assert [m.rsplit(" ", 1)[0] for m in marks] == [f"{o['color']} {o['shape']}" for o in objs]
-        numbers = [m.rsplit(" ", 1)[1] for m in marks if not m.endswith(" no")]
-        assert numbers == [str(i + 1) for i in range(len(numbers))] and str(len(numbers)) == answer
+        think, answer = parse(trace(record, rng, mistake=mistake))
+        meta = record["meta"]
+        target = meta["target"]
+        head = (target["shape"].capitalize() + "s" if task == "count_shape"
+                else " and ".join(target["colors"]).capitalize())
+
+        def matches(name: str) -> bool:
+            color, shape = name.split(" ")
+            return shape == target["shape"] if "shape" in target else color in target["colors"]
+
+        running: dict[int, int] = {}
+        last: dict[int, int] = {}
+        listed: dict[int, list[str]] = {}
+        for m in ROW_COUNT.finditer(think):
+            row = int(m.group(1) or m.group(2))
+            assert m.group(4) == head, m.group(0)
+            if m.group(3) is not None:
+                listed[row] = [] if m.group(3) == "nothing" else m.group(3).split(", ")
+            before = running.get(row - 1, 0)
+            assert int(m.group(6)) == before + int(m.group(5)), m.group(0)
+            running[row], last[row] = int(m.group(6)), int(m.group(5))
+        rows = meta["grid"][0]
+        assert sorted(last) == list(range(1, rows + 1)) and str(running[rows]) == answer, think
+        for r in range(1, rows + 1):
+            objs = [f"{o['color']} {o['shape']}" for o in meta["objects"] if o["row"] == r - 1]
+            assert listed[r] == objs and last[r] == sum(map(matches, objs)), think
+        seen_wait += "Wait, " in think
+        if not mistake:
+            assert "Wait, " not in think
+    assert seen_wait > len(records(task)) // 2 if mistake else seen_wait == 0

@@ -476,8 +476,9 @@ ANSWER_STYLES: tuple[str, ...] = ("direct", "worked")
 plan and checks (rows read out, then counted or added; see ``worked_response``)."""
 
 
-_ROW_LINE = re.compile(r"^Row (\d+): (.*)\.$", re.MULTILINE)
-_ROW_AGAIN = re.compile(r"Let me (?:list|read) row (\d+) again: (.*)\.$", re.MULTILINE)
+# A row's list ends at its first full stop (counting traces go on after it on the same line).
+_ROW_LINE = re.compile(r"^Row (\d+): ([^.\n]*)\.", re.MULTILINE)
+_ROW_AGAIN = re.compile(r"Let me (?:list|read) row (\d+) again: ([^.\n]*)\.", re.MULTILINE)
 
 
 def scene_rows(meta: dict[str, Any]) -> list[list[str]] | None:

@@ -3,18 +3,21 @@
 It stands in for the large teacher model of the long-CoT stage in the CPU demo. Its traces
 show the recipe's four behaviours with fixed, short templates a tiny model can learn:
 
-- planning: ``Plan: I count the red ones one by one, then check the count against the total.``
+- planning: ``Plan: I check the count of the red ones against the shapes listed, then answer.``
 - evaluation: ``Check: 2 counted + 2 others = 4. That matches.`` / ``Check: 11 - 8 = 3.``
 - reflection (a mistake caught and repaired): ``Wait, I skipped the red square in row 4.
-  Let me recount.``
+  Let me list row 4 again: ...`` / ``Wait, the blue circle is not red. Let me count row 2 again: ...``
 - exploration: ``Another way: count by shape. Circles: 1. ... Same result.``
 
 Image traces enumerate the scene row by row before they count or add, because
-enumerate-then-count is what a tiny model can learn, and they start with that reading (the plan
-comes after it): the tiny model learns to read the image at the distance from the image at which
-grounding and joint SFT taught it. With the plan line first (about 20 tokens) long-CoT SFT
-unlearnt the reading: colours read right in 31 of 120 held-out scenes, against 105 with the plan
-after the reading (same model, traces and settings otherwise). Every trace has the form
+enumerate-then-count is what a tiny model can learn; counting traces count each row on the line
+that lists it (see ``_counted_rows``). Every trace starts the way joint SFT's worked answers start
+(the reading, the restated expression, the start of a word problem) and plans second: the tiny
+model copies from the image or the question only at the distance joint SFT taught it. With the
+plan line first, long-CoT SFT unlearnt the reading (colours read right in 31 of 120 held-out
+scenes, against 105 with the plan after the reading) and the copying of text problems (from a
+joint-SFT model at 47% arithmetic and 35% word problems to 3% and 0%: ``What is 2 + 4 * 1 * 2?``
+restated as ``Expression: 2 + 5 * 4.``). Every trace has the form
 ``<think>\\n...\\n</think>\\nThe answer is \\boxed{X}.`` (``describe``: the object list).
 
 A trace is written from a *perceived* problem: normally the true one; for an uncaught
@@ -105,11 +108,11 @@ def worked_response(record: dict[str, Any]) -> str:
 
     A short answer that still enumerates before it counts or adds, e.g. for ``count_color``::
 
-        Row 1: blue square.
-        Row 2: nothing.
-        ...
-        That is 4 shapes.
-        Counting red: blue square no, blue square no, blue circle no, red triangle 1.
+        Row 1: blue square. Red: 0, so far 0.
+        Row 2: nothing. Red: 0, so far 0.
+        Row 3: blue square, red triangle. Red: 1, so far 1.
+        Row 4: nothing. Red: 0, so far 1.
+        That is 3 shapes.
         So there is 1 red shape.
         The answer is \\boxed{1}.
 
@@ -213,43 +216,81 @@ class _Target:
 
     matches: Callable[[dict], bool]
     goal: str          # plan: "the red ones"
-    label: str         # tally: "Counting red:"
     singular: str      # "red shape"
     plural: str        # "red shapes"
     negation: str      # "is not red"
+    head: str          # row count: "Red", "Red and green", "Circles"
     attribute: str     # the attribute a misreading changes: "color" or "shape"
     values: list[str]  # the counted values of that attribute
     options: list[str]  # all values of that attribute
+
+    def affirm(self, obj: dict[str, Any]) -> str:
+        """Why ``obj`` counts: ``is red`` / ``is a circle``."""
+        return f"is a {obj['shape']}" if self.attribute == "shape" else f"is {obj['color']}"
 
 
 def _target(task: str, meta: dict[str, Any]) -> _Target:
     palette = list(meta["palette"])
     if task == "count_shape":
         shape = meta["target"]["shape"]
-        return _Target(lambda o: o["shape"] == shape, f"the {shape}s", f"Counting {shape}s:",
-                       shape, f"{shape}s", f"is not a {shape}", "shape", [shape], list(SHAPES))
+        return _Target(lambda o: o["shape"] == shape, f"the {shape}s",
+                       shape, f"{shape}s", f"is not a {shape}", f"{shape.capitalize()}s", "shape", [shape],
+                       list(SHAPES))
     colors = list(meta["target"]["colors"])
     text = " and ".join(colors)
-    return _Target(lambda o: o["color"] in colors, f"the {text} ones", f"Counting {text}:",
+    return _Target(lambda o: o["color"] in colors, f"the {text} ones",
                    f"{text} shape", f"{text} shapes", "is not " + " or ".join(colors),
-                   "color", colors, palette)
+                   text[0].upper() + text[1:], "color", colors, palette)
 
 
-def _tally(label: str, objs: Sequence[dict[str, Any]], counted: Sequence[dict[str, Any]]) -> str:
-    """``Counting red: red circle 1, blue square no, red triangle 2.``: every listed object in
-    reading order, each counted one with the running count. A scan with a running count is a step a
-    tiny model can take one object at a time; naming only the counted objects (``red circle is 1,
-    red triangle is 2``) asked it to find the next match itself, and it mostly did not."""
-    if not objs:
-        return f"{label} nothing is listed, so 0."
-    marks, n = [], 0
-    for o in objs:
-        if any(o is c for c in counted):
-            n += 1
-            marks.append(f"{_name(o)} {n}")
-        else:
-            marks.append(f"{_name(o)} no")
-    return f"{label} " + ", ".join(marks) + "."
+def _row_count(in_row: Sequence[dict[str, Any]], target: _Target, before: int,
+               counted: int | None = None) -> tuple[str, int]:
+    """The count of one listed row, ``Red: 1, so far 3.``, and the new running count; ``counted``
+    (default: the true number of matches in the row) is the number the row is credited with."""
+    if counted is None:
+        counted = sum(target.matches(o) for o in in_row)
+    return f"{target.head}: {counted}, so far {before + counted}.", before + counted
+
+
+def _counted_rows(objs: Sequence[dict[str, Any]], rows: int, target: _Target,
+                  skip: dict[str, Any] | None, style: _Style) -> Lines:
+    """Every row listed and counted on its own line (``Row 3: blue square, red triangle. Red: 1,
+    so far 2.``).
+
+    Each count looks only at the row just listed and the running count just before it. A separate
+    tally after the reading (``Counting red: red circle 1, blue square no, ...``) asked the tiny
+    model to copy every listed object again, and it copied them wrongly; naming each object again
+    with yes/no after its row (``Red: blue square no, red triangle yes, so 1, so far 2.``) was worse
+    than counting the row in one number (held-out count colour 33% vs 65%, same 12,000
+    conversations); the running sums were right in 478 of 480 rows.
+    ``skip``: an object left out while listing, caught on the next line (the row is listed again).
+    ``style.mistake`` (without ``skip``): one row with objects miscounted, caught on the next line.
+    """
+    slip = style.rng.choice(objs) if style.mistake and skip is None and objs else None
+    lines: Lines = []
+    total = 0
+    for r in range(rows):
+        in_row = [o for o in objs if o["row"] == r]
+        shown = [o for o in in_row if o is not skip]
+        listing = ", ".join(map(_name, shown)) if shown else "nothing"
+        if slip is not None and slip in in_row:
+            right = sum(target.matches(o) for o in in_row)
+            wrong = right - 1 if target.matches(slip) else right + 1
+            counted, _ = _row_count(in_row, target, total, wrong)
+            why = (f"I missed that the {_name(slip)} {target.affirm(slip)}" if target.matches(slip)
+                   else f"the {_name(slip)} {target.negation}")
+            again, total = _row_count(in_row, target, total)
+            lines += [f"Row {r + 1}: {listing}. {counted}",
+                      f"Wait, {why}. Let me count row {r + 1} again: {again}"]
+            continue
+        counted, new_total = _row_count(shown, target, total)
+        lines.append(f"Row {r + 1}: {listing}. {counted}")
+        if skip is not None and skip in in_row:
+            again, new_total = _row_count(in_row, target, total)
+            lines.append(f"Wait, I skipped the {_name(skip)} in row {r + 1}. Let me list row {r + 1} "
+                         f"again: " + ", ".join(map(_name, in_row)) + f". {again}")
+        total = new_total
+    return lines
 
 
 def _count_check(counted: int, others: int, listed: int) -> str:
@@ -274,51 +315,28 @@ def _explore_shapes(task: str, meta: dict[str, Any], objs: Sequence[dict], targe
     return f"{head} {counts} {' + '.join(map(str, numbers))} = {sum(numbers)}. Same result."
 
 
-def _count_lines(objs: Sequence[dict], target: _Target, style: _Style) -> Lines:
-    """Tally, conclusion and check; a mistake miscounts first and is caught by the check."""
-    hits = [o for o in objs if target.matches(o)]
-    others = len(objs) - len(hits)
-    right = [_tally(target.label, objs, hits),
-             f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}.",
-             _count_check(len(hits), others, len(objs))]
-    kinds = (["skip"] if hits else []) + (["extra"] if others else [])
-    if not style.mistake or not kinds:
-        return right
-    kind = style.rng.choice(kinds)
-    if kind == "skip":
-        bad = style.rng.choice(hits)
-        first = [o for o in hits if o is not bad]
-        why = f"Wait, I skipped the {_name(bad)} in row {bad['row'] + 1}. Let me recount."
-    else:
-        bad = style.rng.choice([o for o in objs if not target.matches(o)])
-        first = [o for o in objs if target.matches(o) or o is bad]
-        why = f"Wait, the {_name(bad)} in row {bad['row'] + 1} {target.negation}. Let me recount."
-    wrong = [_tally(target.label, objs, first),
-             f"So {_sentence_case(count_phrase(len(first), target.singular, target.plural))}.",
-             _count_check(len(first), others, len(objs)), why]
-    return wrong + right
-
-
 def _shape_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, str]:
     objs = meta["objects"]
     rows = meta["grid"][0]
-    # A caught mistake is a skipped object while listing or a miscount (see _count_lines).
+    # A caught mistake is a skipped object while listing or an object marked wrongly.
     list_mistake = style.mistake and bool(objs) and (task == "describe" or style.rng.random() < 0.5)
     skip = style.rng.choice(objs) if list_mistake else None
-    listing = _row_lines(objs, rows, _name, skip, "list")
     listed = f"That is {len(objs)} {'shape' if len(objs) == 1 else 'shapes'}."
     # The reading comes first and the plan after it: the reading must start where joint SFT's
     # worked answers start it, right after the question (see the module docstring).
     if task == "describe":
         check = f"Check: I looked at all {rows} rows."
-        return [*listing, listed, check], ", ".join(map(_name, objs))
+        return [*_row_lines(objs, rows, _name, skip, "list"), listed, check], ", ".join(map(_name, objs))
     target = _target(task, meta)
-    plan = f"Plan: I count {target.goal} one by one, then check the count against the total."
-    counting = _count_lines(objs, target, _Style(style.rng, style.mistake and skip is None, False))
-    lines = [*listing, listed, plan, *counting]
+    hits = [o for o in objs if target.matches(o)]
+    counting = _counted_rows(objs, rows, target, skip, _Style(style.rng, style.mistake and skip is None, False))
+    lines = [*counting, listed,
+             f"Plan: I check the count of {target.goal} against the shapes listed, then answer.",
+             f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}.",
+             _count_check(len(hits), len(objs) - len(hits), len(objs))]
     if style.explore:
         lines.append(_explore_shapes(task, meta, objs, target))
-    return lines, str(sum(target.matches(o) for o in objs))
+    return lines, str(len(hits))
 
 
 def _misread_shapes(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
@@ -400,7 +418,8 @@ def _arith_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
     values, ops = list(meta["operands"]), list(meta["operators"])
     plan = ("Plan: first I do the multiplications, then I add and subtract from left to right."
             if "*" in ops else "Plan: there is no multiplication, so I add and subtract from left to right.")
-    lines = [plan, f"Expression: {expression_text(values, ops)}."]
+    # The restated expression first, where joint SFT's worked answers have it (see the module docstring).
+    lines = [f"Expression: {expression_text(values, ops)}.", plan]
     steps = reduce_steps(values, ops)
     slip_at = style.rng.randrange(len(steps)) if style.mistake else -1
     for k, (a, op, b, c) in enumerate(steps):
@@ -480,8 +499,8 @@ def _word_step_lines(step: dict[str, Any], current: int, style: _Style, slip: bo
 def _word_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, str]:
     items = meta["items"]
     current = meta["start"]
-    lines = ["Plan: first I write down each change, then I work it out step by step.",
-             f"Start: {current} {meta['item'] if current == 1 else items}."]
+    lines = [f"Start: {current} {meta['item'] if current == 1 else items}.",  # plan second: module docstring
+             "Plan: first I write down each change, then I work it out step by step."]
     slip_at = style.rng.randrange(len(meta["steps"])) if style.mistake else -1
     inverses: Lines = []
     for k, step in enumerate(meta["steps"]):
@@ -490,6 +509,9 @@ def _word_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, 
         new = current + change
         inverses.insert(0, _inverse(current, "+" if change >= 0 else "-", abs(change), new))
         current = new
+    # The conclusion right after the last step, as in the worked answers; the check after it.
+    noun = meta["item"] if current == 1 else items
+    lines.append(f"So {meta['name']} has {current} {noun} now.")
     lines.append("Check: " + " ".join(inverses) + " That is the start.")
     if style.explore:
         changes = [word_change(s) for s in meta["steps"]]
@@ -497,8 +519,6 @@ def _word_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, 
         lost = [-c for c in changes if c < 0]
         lines.append(f"Another way: gained {_sum_text(gained)}, lost {_sum_text(lost)}, and "
                      f"{meta['start']} + {sum(gained)} - {sum(lost)} = {current}. Same result.")
-    noun = meta["item"] if current == 1 else items
-    lines.append(f"So {meta['name']} has {current} {noun} now.")
     return lines, str(current)
 
 
