@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from thinkvl.data.formats import read_records
+from thinkvl.data.formats import DataError, read_records
 from thinkvl.data.synthetic import synth
 from thinkvl.distill.longcot import DistillConfig, TeacherConfig, build, select
 from thinkvl.distill.openai_server import ServerFaults, serve, stop
@@ -68,6 +68,33 @@ def test_program_teacher_build_keeps_only_verified(problems, tmp_path):
         assert format_ok(trace) and math_verifier(trace, probs[r["id"]]["answer"]) == 1.0
         # The eliciting wrapper is not part of the SFT conversation.
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+
+
+def test_build_from_sft_conversations(tmp_path):
+    """SFT conversations as prompts: the answer turn is dropped, traces must reach the record's
+    answer; a conversation without an answer is an error naming its line."""
+    sft = synth(tmp_path / "data", seed=4, n_sft=14, n_rl=0, n_eval=0, tasks=("arith", "count_color"))["sft"]
+    out = tmp_path / "longcot.jsonl"
+    cfg = DistillConfig(problems=str(sft), out=str(out), from_conversations=True, k=2, max_per_problem=1,
+                        teacher=TeacherConfig(kind="program", wrong_rate=0.0))
+    build(cfg)
+    recs = read_records(out, "conversation")
+    sources = {r["id"]: r for r in read_records(sft, "conversation")}
+    assert len(recs) == 14
+    for rec in recs:
+        source = sources[rec["id"]]
+        assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
+        assert rec["messages"][0] == source["messages"][0]
+        assert rec["messages"][1]["content"] != source["messages"][1]["content"]  # the trace, not the answer
+        assert math_verifier(rec["messages"][1]["content"], source["answer"]) == 1.0
+    rows = [json.loads(line) for line in sft.read_text().splitlines()]
+    del rows[2]["answer"]
+    bad = sft.parent / "bad.jsonl"  # next to the images its rows point at
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"bad.jsonl:3.answer"):
+        build(DistillConfig(problems=str(bad), out=str(tmp_path / "x.jsonl"), from_conversations=True))
+    with pytest.raises(DataError, match="must end with a user turn"):
+        build(DistillConfig(problems=str(sft), out=str(tmp_path / "y.jsonl")))
 
 
 def test_remote_build_resumes_without_paying_twice(problems, tmp_path):

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 from tqdm import tqdm
 
 from thinkvl.config import ConfigError
-from thinkvl.data.formats import read_records, write_jsonl
+from thinkvl.data.formats import DataError, read_records, write_jsonl
 from thinkvl.rewards.verifiers import extract_answer, format_ok, get_verifier, safe_score
 
 log = logging.getLogger("thinkvl")
@@ -59,6 +59,9 @@ class TeacherConfig:
 @dataclass
 class DistillConfig:
     problems: str = ""  # problem file to build traces for (the RL prompt set)
+    # read `problems` as SFT conversations: each one's trailing assistant turn is dropped and the
+    # rest is the prompt (the record's `answer` is still what a trace must reach)
+    from_conversations: bool = False
     out: str = "runs/distill/longcot.jsonl"  # SFT-ready output; stats go to <out>.stats.json
     columns: dict = field(default_factory=dict)
     limit: int | None = None
@@ -194,9 +197,28 @@ def select(candidates: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list[
     return kept[:limit], reasons
 
 
+def read_problems(cfg: DistillConfig) -> list[dict]:
+    """The problems of ``cfg.problems``; with ``from_conversations`` SFT conversations whose
+    trailing assistant turns are dropped (every record needs an ``answer`` to verify against)."""
+    if not cfg.from_conversations:
+        return read_records(cfg.problems, "problem", columns=cfg.columns, limit=cfg.limit)
+    out = []
+    for rec in read_records(cfg.problems, "conversation", columns=cfg.columns, limit=cfg.limit):
+        if rec.get("answer") in (None, ""):
+            raise DataError(f"{rec['_where']}.answer: from_conversations needs each conversation's "
+                            "reference answer to verify the traces against")
+        messages = list(rec["messages"])
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{rec['_where']}.messages: no user turn before the final answer")
+        out.append(dict(rec, messages=messages))
+    return out
+
+
 def build(cfg: DistillConfig) -> Path:
     """Build the warm-up set; returns the output path. Stats in <out>.stats.json."""
-    problems = read_records(cfg.problems, "problem", columns=cfg.columns, limit=cfg.limit)
+    problems = read_problems(cfg)
     teacher = make_teacher(cfg)
     out_records: list[dict] = []
     reasons: Counter = Counter()
