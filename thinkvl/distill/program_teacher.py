@@ -262,7 +262,7 @@ def _counted_rows(objs: Sequence[dict[str, Any]], rows: int, target: _Target,
     model to copy every listed object again, and it copied them wrongly; naming each object again
     with yes/no after its row (``Red: blue square no, red triangle yes, so 1, so far 2.``) was worse
     than counting the row in one number (held-out count colour 33% vs 65%, same 12,000
-    conversations); the running sums were right in 478 of 480 rows.
+    conversations); the running sums were right in 479 of 480 rows.
     ``skip``: an object left out while listing, caught on the next line (the row is listed again).
     ``style.mistake`` (without ``skip``): one row with objects miscounted, caught on the next line.
     """
