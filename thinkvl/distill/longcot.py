@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 from tqdm import tqdm
 
 from thinkvl.config import ConfigError
-from thinkvl.data.formats import DataError, read_records, write_jsonl
+from thinkvl.data.formats import read_records, validate_record, write_jsonl
 from thinkvl.rewards.verifiers import extract_answer, format_ok, get_verifier, safe_score
 
 log = logging.getLogger("thinkvl")
@@ -199,20 +199,17 @@ def select(candidates: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list[
 
 def read_problems(cfg: DistillConfig) -> list[dict]:
     """The problems of ``cfg.problems``; with ``from_conversations`` SFT conversations whose
-    trailing assistant turns are dropped (every record needs an ``answer`` to verify against)."""
+    trailing assistant turns are dropped, then checked as problems (a reference ``answer``, a final
+    user turn) by the same validator as a problem file."""
     if not cfg.from_conversations:
         return read_records(cfg.problems, "problem", columns=cfg.columns, limit=cfg.limit)
+    base = Path(cfg.problems).parent
     out = []
     for rec in read_records(cfg.problems, "conversation", columns=cfg.columns, limit=cfg.limit):
-        if rec.get("answer") in (None, ""):
-            raise DataError(f"{rec['_where']}.answer: from_conversations needs each conversation's "
-                            "reference answer to verify the traces against")
         messages = list(rec["messages"])
-        while messages and messages[-1]["role"] == "assistant":
+        while len(messages) > 1 and messages[-1]["role"] == "assistant":
             messages.pop()
-        if not messages or messages[-1]["role"] != "user":
-            raise DataError(f"{rec['_where']}.messages: no user turn before the final answer")
-        out.append(dict(rec, messages=messages))
+        out.append(validate_record(dict(rec, messages=messages), base, rec["_where"], "problem", None))
     return out
 
 

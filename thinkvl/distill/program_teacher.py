@@ -318,7 +318,7 @@ def _explore_shapes(task: str, meta: dict[str, Any], objs: Sequence[dict], targe
 def _shape_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, str]:
     objs = meta["objects"]
     rows = meta["grid"][0]
-    # A caught mistake is a skipped object while listing or an object marked wrongly.
+    # A caught mistake is a skipped object while listing or a miscounted row (_counted_rows).
     list_mistake = style.mistake and bool(objs) and (task == "describe" or style.rng.random() < 0.5)
     skip = style.rng.choice(objs) if list_mistake else None
     listed = f"That is {len(objs)} {'shape' if len(objs) == 1 else 'shapes'}."
@@ -329,7 +329,7 @@ def _shape_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
         return [*_row_lines(objs, rows, _name, skip, "list"), listed, check], ", ".join(map(_name, objs))
     target = _target(task, meta)
     hits = [o for o in objs if target.matches(o)]
-    counting = _counted_rows(objs, rows, target, skip, _Style(style.rng, style.mistake and skip is None, False))
+    counting = _counted_rows(objs, rows, target, skip, style)
     lines = [*counting, listed,
              f"Plan: I check the count of {target.goal} against the shapes listed, then answer.",
              f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}.",
