@@ -13,6 +13,7 @@ import torch
 from conftest import write_png
 
 from thinkvl.config import ConfigError, load_config
+from thinkvl.distill.longcot import DistillConfig
 from thinkvl.data.formats import DataError, ReadStats, read_records
 from thinkvl.data.packing import collate_rows
 from thinkvl.models.forward import token_logprobs
@@ -133,6 +134,11 @@ def test_config_unknown_key_names_key_and_allowed(tmp_path):
     recipe.write_text("optim:\n  lr_peek: 1.0e-4\n")
     with pytest.raises(ConfigError, match=r"^optim\.lr_peek: unknown key"):
         load_config(SFTConfig, recipe)
+
+
+def test_config_teacher_rate_out_of_range_names_key():
+    with pytest.raises(ConfigError, match=r"teacher\.check_rate: must be in \[0, 1\], got 1.5"):
+        load_config(DistillConfig, overrides=["problems=p.jsonl", "teacher.check_rate=1.5"])
 
 
 def test_config_bad_choice_names_allowed_values():

@@ -125,9 +125,37 @@ def test_sampling_is_deterministic_and_varied() -> None:
     assert all("Wait" not in t and "Another way" not in t for t in rates.sample(record, 5))
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_final_check_is_optional(task: str) -> None:
+    """Without the final check a trace ends at its conclusion (or its exploration); slips are still
+    exposed by their failed check, and the answer and the working are the same as with it."""
+    for record in records(task, per_level=3):
+        for mistake, explore in ((False, False), (True, False), (True, True)):
+            seed = f"{record['id']}/{mistake}/{explore}"
+            checked = trace(record, random.Random(seed), mistake=mistake, explore=explore)
+            plain = trace(record, random.Random(seed), mistake=mistake, explore=explore, check=False)
+            final_checks = [line for line in plain.split("\n")
+                            if line.startswith("Check:") and ", not " not in line]
+            assert final_checks == [], plain
+            assert plain.split("</think>\n")[1] == checked.split("</think>\n")[1]
+            kept = [line for line in checked.split("\n")
+                    if not line.startswith(("Plan:", "Check:")) or ", not " in line]
+            assert [line for line in plain.split("\n") if not line.startswith("Plan:")] == kept
+            if task != "describe":  # the plan does not promise a check that never comes
+                plan = next(line for line in plain.split("\n") if line.startswith("Plan:"))
+                assert "check" not in plan, plan
+    never = ProgramTeacher(seed=0, mistake_rate=0.0, explore_rate=0.0, check_rate=0.0)
+    always = ProgramTeacher(seed=0, mistake_rate=0.0, explore_rate=0.0, check_rate=1.0)
+    record = records(task, per_level=1)[-1]
+    assert all("Check:" not in t for t in never.sample(record, 4))
+    assert all("Check:" in t for t in always.sample(record, 4))
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         ProgramTeacher(mistake_rate=1.5)
+    with pytest.raises(ValueError):
+        ProgramTeacher(check_rate=-0.1)
     record = make_problem("arith", 0, random.Random(0))
     record["task"] = "unknown"
     with pytest.raises(ValueError):

@@ -54,6 +54,7 @@ class TeacherConfig:
     mistake_rate: float = 0.25  # program: traces with a caught-and-repaired mistake
     wrong_rate: float = 0.15  # program: traces with an uncaught mistake (rejection sampling drops them)
     explore_rate: float = 0.4  # program: traces that also try a second way
+    check_rate: float = 1.0  # program: traces that end by checking their result
 
 
 @dataclass
@@ -83,6 +84,10 @@ class DistillConfig:
             raise ConfigError(f"{prefix + '.' if prefix else ''}problems: a problem file is required")
         if self.k < 1:
             raise ConfigError("k: must be >= 1")
+        for name in ("mistake_rate", "wrong_rate", "explore_rate", "check_rate"):
+            rate = getattr(self.teacher, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ConfigError(f"teacher.{name}: must be in [0, 1], got {rate}")
 
 
 def make_teacher(cfg: DistillConfig) -> Teacher:
@@ -91,7 +96,7 @@ def make_teacher(cfg: DistillConfig) -> Teacher:
         from thinkvl.distill.program_teacher import ProgramTeacher
 
         pt = ProgramTeacher(seed=cfg.seed, mistake_rate=t.mistake_rate, wrong_rate=t.wrong_rate,
-                            explore_rate=t.explore_rate)
+                            explore_rate=t.explore_rate, check_rate=t.check_rate)
         return _PerRecord(pt)
     if t.kind == "remote":
         import os

@@ -4,7 +4,9 @@ It stands in for the large teacher model of the long-CoT stage in the CPU demo. 
 show the recipe's four behaviours with fixed, short templates a tiny model can learn:
 
 - planning: ``Plan: I check the count of the red ones against the shapes listed, then answer.``
-- evaluation: ``Check: 2 counted + 2 others = 4. That matches.`` / ``Check: 11 - 8 = 3.``
+- evaluation: ``Check: 2 counted + 2 others = 4. That matches.`` / ``Check: 11 - 8 = 3.`` at the
+  end (``check_rate`` of the traces), and the failed check that exposes a slip
+  (``Check: 17 - 6 = 11, not 3.``) before its repair
 - reflection (a mistake caught and repaired): ``Wait, I skipped the red square in row 4.
   Let me list row 4 again: ...`` / ``Wait, the blue circle is not red. Let me count row 2 again: ...``
 - exploration: ``Another way: count by shape. Circles: 1. ... Same result.``
@@ -24,6 +26,12 @@ A trace is written from a *perceived* problem: normally the true one; for an unc
 mistake (``wrong=True``) a misread one (a colour, shape, digit or number read wrongly, or an
 object missed), so every later step, check included, is consistent and the final answer is
 wrong. Rejection sampling must filter those out.
+
+The final check of the result is optional (``check_rate``) because it costs a tiny model its
+answers: measured from the demo's joint-SFT model (54.2%), long-CoT SFT on these traces with a
+final check reached 37.9% and without it 43.3% (same problems, 1,054 traces each, greedy, 240
+held-out problems); with the check, 72 of 240 final answers differed from the number the trace
+itself concluded (the model copied a number of the check line instead), without it 11-16.
 """
 
 from __future__ import annotations
@@ -58,18 +66,21 @@ class ProgramTeacher:
         mistake_rate: probability that a trace makes a mistake it catches and repairs.
         wrong_rate: probability that a trace makes a mistake it does not catch (wrong answer).
         explore_rate: probability that a trace re-derives its answer another way.
+        check_rate: probability that a trace ends by checking its result (an inverse computation
+            or a recount); failed checks that expose a slip come with ``mistake_rate``.
     """
 
     def __init__(self, seed: int = 0, mistake_rate: float = 0.2, wrong_rate: float = 0.0,
-                 explore_rate: float = 0.3) -> None:
+                 explore_rate: float = 0.3, check_rate: float = 1.0) -> None:
         for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
-                           ("explore_rate", explore_rate)):
+                           ("explore_rate", explore_rate), ("check_rate", check_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
         self.seed = seed
         self.mistake_rate = mistake_rate
         self.wrong_rate = wrong_rate
         self.explore_rate = explore_rate
+        self.check_rate = check_rate
 
     def sample(self, record: dict[str, Any], n: int) -> list[str]:
         """``n`` independent traces for one problem record (simple problems may repeat one)."""
@@ -80,16 +91,18 @@ class ProgramTeacher:
             mistake = rng.random() < self.mistake_rate
             wrong = rng.random() < self.wrong_rate
             explore = rng.random() < self.explore_rate
-            out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore))
+            check = rng.random() < self.check_rate
+            out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check))
         return out
 
 
 def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
-          wrong: bool = False, explore: bool = False) -> str:
+          wrong: bool = False, explore: bool = False, check: bool = True) -> str:
     """One trace for ``record`` (uses ``record["task"]`` and ``record["meta"]``).
 
     ``mistake``: a caught and repaired mistake (answer stays right). ``wrong``: an uncaught
-    misreading (answer is wrong). ``explore``: an alternative derivation at the end.
+    misreading (answer is wrong). ``explore``: an alternative derivation at the end. ``check``:
+    the result checked after the conclusion.
     """
     task = record["task"]
     if task not in _BUILDERS:
@@ -98,7 +111,7 @@ def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
     meta = record["meta"]
     if wrong:
         meta = _misread_until_wrong(misread, meta, rng, record["answer"], build, task)
-    lines, answer = build(task, meta, _Style(rng, mistake, explore))
+    lines, answer = build(task, meta, _Style(rng, mistake, explore, check))
     final = answer if task == "describe" else f"The answer is \\boxed{{{answer}}}."
     return "<think>\n" + "\n".join(lines) + "\n</think>\n" + final
 
@@ -135,6 +148,7 @@ class _Style:
     rng: random.Random
     mistake: bool
     explore: bool
+    check: bool = True
 
 
 def _misread_until_wrong(misread: Callable[[dict, random.Random], dict], meta: dict[str, Any],
@@ -325,15 +339,17 @@ def _shape_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
     # The reading comes first and the plan after it: the reading must start where joint SFT's
     # worked answers start it, right after the question (see the module docstring).
     if task == "describe":
-        check = f"Check: I looked at all {rows} rows."
-        return [*_row_lines(objs, rows, _name, skip, "list"), listed, check], ", ".join(map(_name, objs))
+        check = [f"Check: I looked at all {rows} rows."] if style.check else []
+        return [*_row_lines(objs, rows, _name, skip, "list"), listed, *check], ", ".join(map(_name, objs))
     target = _target(task, meta)
     hits = [o for o in objs if target.matches(o)]
     counting = _counted_rows(objs, rows, target, skip, style)
     lines = [*counting, listed,
-             f"Plan: I check the count of {target.goal} against the shapes listed, then answer.",
-             f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}.",
-             _count_check(len(hits), len(objs) - len(hits), len(objs))]
+             f"Plan: I check the count of {target.goal} against the shapes listed, then answer."
+             if style.check else f"Plan: I take the last count of {target.goal} as the answer.",
+             f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}."]
+    if style.check:
+        lines.append(_count_check(len(hits), len(objs) - len(hits), len(objs)))
     if style.explore:
         lines.append(_explore_shapes(task, meta, objs, target))
     return lines, str(len(hits))
@@ -396,9 +412,10 @@ def _digit_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
     skip = style.rng.choice(digits) if kind == "skip" else None
     lines = [*_row_lines(digits, meta["grid"][0], _digit_label, skip, "read"),
              "The digits are " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}.",
-             "Plan: I add them one at a time, then check by taking them away again."]
+             "Plan: I add them one at a time, then check by taking them away again."
+             if style.check else "Plan: I add them one at a time."]
     adds, check = _add_chain(values, style, kind == "slip")
-    lines += adds + check
+    lines += adds + (check if style.check else [])
     if style.explore:
         back = list(reversed(values))
         plain, _ = _add_chain(back, _Style(style.rng, False, False), False)
@@ -433,7 +450,8 @@ def _arith_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
         lines.append(f"{a} {op} {b} = {c}.{rest}")
     additive = [s for s in steps if s[1] != "*"]
     checked = list(reversed(additive)) if additive else [steps[-1]]
-    lines.append("Check: " + " ".join(_inverse(*s) for s in checked))
+    if style.check:
+        lines.append("Check: " + " ".join(_inverse(*s) for s in checked))
     if style.explore:
         lines.append(_explore_arith(meta["operands"], meta["operators"]))
     return lines, str(steps[-1][3])
@@ -512,7 +530,8 @@ def _word_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, 
     # The conclusion right after the last step, as in the worked answers; the check after it.
     noun = meta["item"] if current == 1 else items
     lines.append(f"So {meta['name']} has {current} {noun} now.")
-    lines.append("Check: " + " ".join(inverses) + " That is the start.")
+    if style.check:
+        lines.append("Check: " + " ".join(inverses) + " That is the start.")
     if style.explore:
         changes = [word_change(s) for s in meta["steps"]]
         gained = [c for c in changes if c > 0]
