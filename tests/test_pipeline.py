@@ -244,3 +244,26 @@ def test_interrupted_stage_is_run_again(pipe, caplog):
     resumed = load_file(lc / "final" / "model.safetensors")
     assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
     assert marker(p, "longcot_sft")["status"] == marker(p, "rl")["status"] == "done"
+
+
+@pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline_quick.yaml"])
+def test_demo_pipelines_resolve_every_stage(name, tmp_path):
+    """`thinkvl demo` runs pipeline.yaml, which CI never runs whole: every stage's recipe and
+    overrides must resolve to a valid config, each placeholder naming an earlier stage."""
+    from thinkvl.config import load_config
+    from thinkvl.pipeline import Context, _stage_config
+
+    cfg = load_config(PipelineConfig, DEMO / name, [f"out_dir={tmp_path}"])
+    ctx = Context(cfg, DEMO)
+    ctx.values["data"] = str(tmp_path / "01_data")
+    for i, spec in enumerate(cfg.stages):
+        out = ctx.stage_dir(i, spec)
+        if spec.kind != "synth":
+            resolved = _stage_config(spec, ctx, out)
+            if spec.name == "longcot_sft":  # both distilled sets, from the stages before it
+                paths = [s.path for s in resolved.data.sources]
+                assert paths == [str(tmp_path / f"{j + 1:02d}_{n}" / "longcot.jsonl")
+                                 for j, n in enumerate(s.name for s in cfg.stages) if n.startswith("distill")]
+        ctx.values[f"stage:{spec.name}"] = str(out)
+        if spec.kind in ("sft", "rl"):
+            ctx.values["model"] = str(out / "final")
