@@ -78,7 +78,8 @@ SFT_PANELS: tuple[Panel, ...] = (
 
 RL_PANELS: tuple[Panel, ...] = (
     Panel("Reward", "reward",
-          (Line("reward", "total"), Line("reward/correct", "correctness"), Line("reward/length", "length part"))),
+          (Line("reward", "total"), Line("reward/correct", "correctness"),
+           Line("reward/length", "length reward (before its weight)"))),
     Panel("Accuracy", "fraction",
           (Line("accuracy", "rollouts"), Line("eval/accuracy", "held-out", smooth=False)), fraction=True),
     Panel("Response length", "tokens",
