@@ -28,10 +28,11 @@ object missed), so every later step, check included, is consistent and the final
 wrong. Rejection sampling must filter those out.
 
 The final check of the result is optional (``check_rate``) because it costs a tiny model its
-answers: measured from the demo's joint-SFT model (54.2%), long-CoT SFT on these traces with a
-final check reached 37.9% and without it 43.3% (same problems, 1,054 traces each, greedy, 240
-held-out problems); with the check, 72 of 240 final answers differed from the number the trace
-itself concluded (the model copied a number of the check line instead), without it 11-16.
+answers: measured from the demo's joint-SFT model (53.9%), long-CoT SFT on these traces with a
+final check reached 34.1% and without it 36.9% and 39.9% (two draws; same problems, about 1,060
+traces each, greedy, 960 held-out problems); with the check, 72 of 240 final answers differed from
+the number the trace itself concluded (the model copied a number of the check line instead),
+without it 11-16.
 """
 
 from __future__ import annotations
