@@ -14,7 +14,7 @@ import json
 import logging
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -84,7 +84,7 @@ class DistillConfig:
             raise ConfigError(f"{prefix + '.' if prefix else ''}problems: a problem file is required")
         if self.k < 1:
             raise ConfigError("k: must be >= 1")
-        for name in ("mistake_rate", "wrong_rate", "explore_rate", "check_rate"):
+        for name in (f.name for f in fields(TeacherConfig) if f.name.endswith("_rate")):
             rate = getattr(self.teacher, name)
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"teacher.{name}: must be in [0, 1], got {rate}")

@@ -132,9 +132,8 @@ def worked_response(record: dict[str, Any]) -> str:
 
     Joint SFT on these teaches the row-by-row reading the long-CoT traces build on.
     """
-    body, final = trace(record, random.Random(0)).split("\n</think>\n")
-    lines = [line for line in body.removeprefix("<think>\n").split("\n")
-             if not line.startswith(("Plan:", "Check:"))]
+    body, final = trace(record, random.Random(0), check=False).split("\n</think>\n")
+    lines = [line for line in body.removeprefix("<think>\n").split("\n") if not line.startswith("Plan:")]
     return "\n".join(lines + [final])
 
 
