@@ -156,3 +156,11 @@ def thinkvl_defaults(model) -> str:
     name = ModelConfig().attn_implementation
     set_attention(model, name)
     return name
+
+
+def thinkvl_adamw(model, lr: float, betas: tuple[float, float], weight_decay: float):
+    """The optimiser thinkvl's SFT and RL loops build (`thinkvl.train.common.adamw`: the fused
+    kernel on CPU), over all of a model's parameters in one group."""
+    from thinkvl.train.common import adamw
+
+    return adamw([{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}], betas)

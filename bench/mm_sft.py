@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import set_threads, thinkvl_defaults, throughput
+from bench.common import set_threads, thinkvl_adamw, thinkvl_defaults, throughput
 from bench.data import mm_conversations, mm_trl_rows
 from bench.models import build_kimi, build_qwen_vl, n_params, qwen_vl_processor, weights_checksum
 from bench.text_sft import HP, N_HELDOUT, heldout_loss, thinkvl_steps, trl_common_args
@@ -66,8 +66,7 @@ def run_thinkvl(model_name: str, n_conv: int, capacity: int, rows_per_step: int,
     cfg = SFTConfig(optim=OptimConfig(rows_per_micro_batch=1, grad_accum=rows_per_step, clip_grad=HP["clip"]))
     d = D.setup("cpu")
     model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=HP["lr"], betas=HP["betas"],
-                              weight_decay=HP["weight_decay"], foreach=False)
+    optim = thinkvl_adamw(model, HP["lr"], HP["betas"], HP["weight_decay"])
     clock, tokens, sup, slots, losses = thinkvl_steps(model, optim, examples, plan[:steps], loaded, cfg, d)
     n_ex = [sum(len(r) for r in step_rows) for step_rows in plan[:steps]]
     return {"framework": "thinkvl", "model": model_name, "params": n_params(model), "weights_checksum": checksum,

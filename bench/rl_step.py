@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.common import set_threads, thinkvl_defaults
+from bench.common import set_threads, thinkvl_adamw, thinkvl_defaults
 from bench.data import rl_problems
 from bench.models import TEXT_SIZES, build_text_model, n_params, text_tokenizer, weights_checksum
 
@@ -52,7 +52,7 @@ def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, s
     engine = HFEngine(loaded, batch_size=prompts * k)
     verifier = get_verifier(cfg.verifier)
     loss_fn = functools.partial(get_loss("mirror_descent"), tau=cfg.loss.tau)
-    optim = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), foreach=False)  # as the loop
+    optim = thinkvl_adamw(model, LR, (0.9, 0.95), cfg.loss.weight_decay)  # as the loop
     banned = banned_tokens(loaded)
     out = {"gen_s": [], "score_s": [], "update_s": [], "step_s": [], "gen_tokens": [], "attention": attention}
     for it in range(steps):

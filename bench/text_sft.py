@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import StepClock, set_threads, thinkvl_defaults, throughput
+from bench.common import StepClock, set_threads, thinkvl_adamw, thinkvl_defaults, throughput
 from bench.data import as_prompt_completion, text_conversations, write_jsonl
 from bench.models import TEXT_SIZES, build_text_model, n_params, text_tokenizer, weights_checksum
 
@@ -98,8 +98,7 @@ def run_thinkvl(size: str, n_conv: int, capacity: int, rows_per_step: int, steps
     d = D.setup("cpu")
     checksum = weights_checksum(model)
     model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=HP["lr"], betas=HP["betas"],
-                              weight_decay=HP["weight_decay"], foreach=False)  # as thinkvl.train.sft.train
+    optim = thinkvl_adamw(model, HP["lr"], HP["betas"], HP["weight_decay"])
     clock, tokens, sup, slots, losses = thinkvl_steps(model, optim, examples, plan[:steps], loaded, cfg, d)
     return {"framework": "thinkvl", "size": size, "params": n_params(model), "weights_checksum": checksum,
             "threads": threads, "attention": attention, "setup_s": round(setup_s, 2), "rows": len(rows), "examples": len(idx),

@@ -46,7 +46,7 @@ from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
 from thinkvl.rollout.types import Rollout
 from thinkvl.train import distributed as D
-from thinkvl.train.common import ModelConfig, RunDir, Timer, param_groups, set_lr
+from thinkvl.train.common import ModelConfig, RunDir, Timer, adamw, param_groups, set_lr
 
 log = logging.getLogger("thinkvl")
 
@@ -411,7 +411,7 @@ def train(cfg: RLConfig) -> RunDir:
                  cfg.model.attn_implementation)
     model = D.shard(model, d)  # before the optimiser: fully_shard replaces the parameters
     groups = param_groups(model, cfg.model, cfg.loss.lr, cfg.loss.weight_decay)
-    optim = torch.optim.AdamW(groups, betas=(0.9, 0.95), foreach=False)
+    optim = adamw(groups, (0.9, 0.95))
     set_lr(optim, cfg.loss.lr)
 
     start = 0

@@ -83,6 +83,22 @@ def param_groups(model: torch.nn.Module, cfg: ModelConfig, lr: float, weight_dec
     return out
 
 
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adamw(groups: list[dict], betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel where every parameter allows it (floating point, on CPU or
+    CUDA; FSDP2's sharded parameters included), else the per-tensor loop.
+
+    The fused kernel updates all tensors in one call; the loop runs about ten small ops per tensor.
+    Measured on this 2-core CPU at 1 thread, one step of a 50M-parameter model: fused 0.03-0.06 s,
+    loop 0.10-0.75 s, foreach 0.10-0.39 s (foreach also allocates temporaries for every tensor,
+    which is why the loop was chosen before). Same update up to float rounding."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, betas=betas, **({"fused": True} if fused else {"foreach": False}))
+
+
 def set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
     for g in optim.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)

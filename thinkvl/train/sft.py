@@ -32,7 +32,7 @@ from thinkvl.data.packing import bfd_pack, collate_rows
 from thinkvl.models.forward import token_logprobs
 from thinkvl.models.load import Loaded, load
 from thinkvl.train import distributed as D
-from thinkvl.train.common import ModelConfig, RunDir, Timer, param_groups, set_lr
+from thinkvl.train.common import ModelConfig, RunDir, Timer, adamw, param_groups, set_lr
 from thinkvl.train.schedule import Segment, lr_at
 
 log = logging.getLogger("thinkvl")
@@ -336,7 +336,7 @@ def train(cfg: SFTConfig) -> RunDir:
     # hold those (built from the old ones it would update orphans and the model would never move).
     model = D.shard(model, d)
     groups = param_groups(model, cfg.model, cfg.stages[0].lr_peak, cfg.optim.weight_decay)
-    optim = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), foreach=False)
+    optim = adamw(groups, (cfg.optim.beta1, cfg.optim.beta2))
 
     start = 0
     ckpt = run.latest_checkpoint() if cfg.resume else None
