@@ -74,7 +74,7 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           quick=_text("toy", 24, 256, 1, 3), full=_text("4L-256", 80, 1024, 2, 6), reps=3,
           figures=SFT_FIGURES),
     Bench("text_sft_50m", {"thinkvl": text_sft.run_thinkvl, "trl": text_sft.run_trl},
-          quick=_text("toy", 16, 256, 1, 2), full=_text("50M", 40, 1024, 1, 3), reps=1,
+          quick=_text("toy", 16, 256, 1, 2), full=_text("50M", 40, 1024, 1, 5), reps=2,
           figures=SFT_FIGURES),
     Bench("mm_sft_qwen2.5-vl", {"thinkvl": mm_sft.run_thinkvl, "trl": mm_sft.run_trl},
           quick=_mm("qwen2.5-vl", 8, 512, 1, 2, True), full=_mm("qwen2.5-vl", 64, 1024, 1, 6, False),

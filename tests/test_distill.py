@@ -97,6 +97,36 @@ def test_build_from_sft_conversations(tmp_path):
         build(DistillConfig(problems=str(sft), out=str(tmp_path / "y.jsonl")))
 
 
+def test_tasks_filter_skips_and_counts(tmp_path):
+    """`tasks` keeps only the named tasks; the rest are counted by task in the stats file, the
+    kept problems get the same traces as without the filter (the program teacher seeds per
+    record), and a filter that matches nothing is a config error naming the key."""
+    from thinkvl.config import ConfigError
+
+    sft = synth(tmp_path / "data", seed=5, n_sft=21, n_rl=0, n_eval=0,
+                tasks=("arith", "describe", "count_color"))["sft"]
+    by_task = {}
+    for r in read_records(sft, "conversation"):
+        by_task[r["task"]] = by_task.get(r["task"], 0) + 1
+
+    def run(name, **kw):
+        out = tmp_path / f"{name}.jsonl"
+        build(DistillConfig(problems=str(sft), out=str(out), from_conversations=True, k=2, max_per_problem=1, **kw))
+        return read_records(out, "conversation"), json.loads(Path(str(out) + ".stats.json").read_text())
+
+    every, every_stats = run("all")
+    some, stats = run("some", tasks=["arith", "count_color"])
+    assert every_stats["skipped_by_task"] == {}
+    assert stats["skipped_by_task"] == {"describe": by_task["describe"]}
+    assert stats["problems"] == by_task["arith"] + by_task["count_color"]
+    assert "bad_format" in every_stats["rejected"] and "bad_format" not in stats["rejected"]  # describe's
+    assert [r["messages"] for r in some] == [r["messages"] for r in every if r["task"] != "describe"]
+    with pytest.raises(ConfigError, match=r"tasks: none of \['word'\].*its tasks: \['arith', 'count_color', 'describe'\]"):
+        run("none", tasks=["word"])
+    with pytest.raises(ConfigError, match="tasks: must be a list"):
+        DistillConfig(problems=str(sft), tasks="arith").check("")
+
+
 def test_remote_build_resumes_without_paying_twice(problems, tmp_path):
     from thinkvl.distill.program_teacher import ProgramTeacher
 

@@ -65,7 +65,10 @@ class DistillConfig:
     from_conversations: bool = False
     out: str = "runs/distill/longcot.jsonl"  # SFT-ready output; stats go to <out>.stats.json
     columns: dict = field(default_factory=dict)
-    limit: int | None = None
+    limit: int | None = None  # read the first N records (before the `tasks` filter)
+    # keep only problems whose record `task` is one of these (empty: all). Skipped problems are
+    # counted by task in the stats file; e.g. leave out tasks whose answer is not a checkable value
+    tasks: list[str] = field(default_factory=list)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     k: int = 4  # samples per problem
     verifier: str = "math"  # accepts the final answer
@@ -84,6 +87,8 @@ class DistillConfig:
             raise ConfigError(f"{prefix + '.' if prefix else ''}problems: a problem file is required")
         if self.k < 1:
             raise ConfigError("k: must be >= 1")
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ConfigError(f"tasks: must be a list of task names, got {self.tasks!r}")
         for name in (f.name for f in fields(TeacherConfig) if f.name.endswith("_rate")):
             rate = getattr(self.teacher, name)
             if not 0.0 <= rate <= 1.0:
@@ -202,25 +207,40 @@ def select(candidates: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list[
     return kept[:limit], reasons
 
 
-def read_problems(cfg: DistillConfig) -> list[dict]:
-    """The problems of ``cfg.problems``; with ``from_conversations`` SFT conversations whose
-    trailing assistant turns are dropped, then checked as problems (a reference ``answer``, a final
-    user turn) by the same validator as a problem file."""
+def read_problems(cfg: DistillConfig) -> tuple[list[dict], Counter]:
+    """The problems of ``cfg.problems`` and the count of those the ``tasks`` filter skipped, by
+    task (``<none>`` for records without one). With ``from_conversations``: SFT conversations
+    whose trailing assistant turns are dropped, then checked as problems (a reference ``answer``,
+    a final user turn) by the same validator as a problem file."""
+    kind = "conversation" if cfg.from_conversations else "problem"
+    records = read_records(cfg.problems, kind, columns=cfg.columns, limit=cfg.limit)
+    skipped: Counter = Counter()
+    if cfg.tasks:
+        wanted = set(cfg.tasks)
+        kept = [r for r in records if r.get("task") in wanted]
+        skipped.update(str(r.get("task") or "<none>") for r in records if r.get("task") not in wanted)
+        if not kept:
+            raise ConfigError(f"tasks: none of {sorted(wanted)} in {cfg.problems} "
+                              f"(its tasks: {sorted(skipped)})")
+        records = kept
     if not cfg.from_conversations:
-        return read_records(cfg.problems, "problem", columns=cfg.columns, limit=cfg.limit)
+        return records, skipped
     base = Path(cfg.problems).parent
     out = []
-    for rec in read_records(cfg.problems, "conversation", columns=cfg.columns, limit=cfg.limit):
+    for rec in records:
         messages = list(rec["messages"])
         while len(messages) > 1 and messages[-1]["role"] == "assistant":
             messages.pop()
         out.append(validate_record(dict(rec, messages=messages), base, rec["_where"], "problem", None))
-    return out
+    return out, skipped
 
 
 def build(cfg: DistillConfig) -> Path:
     """Build the warm-up set; returns the output path. Stats in <out>.stats.json."""
-    problems = read_problems(cfg)
+    problems, skipped = read_problems(cfg)
+    if skipped:
+        log.info("distill: %d problems skipped by `tasks` (%s)", sum(skipped.values()),
+                 ", ".join(f"{t} {n}" for t, n in sorted(skipped.items())))
     teacher = make_teacher(cfg)
     out_records: list[dict] = []
     reasons: Counter = Counter()
@@ -251,7 +271,7 @@ def build(cfg: DistillConfig) -> Path:
     out = Path(cfg.out)
     write_jsonl(out, out_records)
     stats = {
-        "problems": len(problems), "samples": tried, "accepted": accepted,
+        "problems": len(problems), "skipped_by_task": dict(skipped), "samples": tried, "accepted": accepted,
         "pass_rate": accepted / max(tried, 1), "kept": len(out_records),
         "problems_with_a_kept_trace": len({r["id"] for r in out_records}),
         "rejected": dict(reasons),
