@@ -36,16 +36,20 @@ def _naive(
     return logp, entropy
 
 
+SAVE = [0, 1 << 20]  # recompute the logits in the backward / keep the forward's log-softmax
+
+
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1024])  # 4 and 5 do not divide 21
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_gradients_match_naive(chunk_size: int, temperature: float) -> None:
+@pytest.mark.parametrize("save_bytes", SAVE)
+def test_values_and_gradients_match_naive(chunk_size: int, temperature: float, save_bytes: int) -> None:
     hidden, weight, bias, targets = _inputs()
     g = torch.Generator().manual_seed(1)
     w_lp = torch.randn(B, T, generator=g, dtype=torch.float64)  # arbitrary upstream gradients
     w_en = torch.randn(B, T, generator=g, dtype=torch.float64)
 
     lp, en = token_logprobs_and_entropy(
-        hidden, weight, targets, chunk_size=chunk_size, temperature=temperature, bias=bias
+        hidden, weight, targets, chunk_size=chunk_size, temperature=temperature, bias=bias, save_bytes=save_bytes
     )
     got = torch.autograd.grad((lp * w_lp).sum() + (en * w_en).sum(), (hidden, weight, bias))
     lp_ref, en_ref = _naive(hidden, weight, bias, targets, temperature)
@@ -59,7 +63,8 @@ def test_values_and_gradients_match_naive(chunk_size: int, temperature: float) -
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprob_only_paths_match_naive(temperature: float) -> None:
+@pytest.mark.parametrize("save_bytes", SAVE)
+def test_logprob_only_paths_match_naive(temperature: float, save_bytes: int) -> None:
     """The cheaper paths: no entropy at all, entropy returned but unused (its backward is skipped),
     and entropy alone (the log-prob's gradient is None)."""
     hidden, weight, bias, targets = _inputs()
@@ -68,15 +73,15 @@ def test_logprob_only_paths_match_naive(temperature: float) -> None:
     want_lp = torch.autograd.grad((lp_ref * w_lp).sum(), (hidden, weight, bias), retain_graph=True)
     want_en = torch.autograd.grad((en_ref * w_lp).sum(), (hidden, weight, bias))
 
-    lp = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=4, temperature=temperature, bias=bias)
+    kw = dict(chunk_size=4, temperature=temperature, bias=bias, save_bytes=save_bytes)
+    lp, _ = token_logprobs_and_entropy(hidden, weight, targets, with_entropy=False, **kw)
     torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-12)
     got = torch.autograd.grad((lp * w_lp).sum(), (hidden, weight, bias))
-    lp2, en2 = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, temperature=temperature,
-                                          bias=bias, with_entropy=False)
+    lp2, en2 = token_logprobs_and_entropy(hidden, weight, targets, with_entropy=False, **kw)
     assert not en2.requires_grad and float(en2.abs().max()) == 0.0
-    lp3, en3 = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, temperature=temperature, bias=bias)
+    lp3, en3 = token_logprobs_and_entropy(hidden, weight, targets, **kw)
     got3 = torch.autograd.grad((lp3 * w_lp).sum(), (hidden, weight, bias))  # entropy unused
-    lp4, en4 = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, temperature=temperature, bias=bias)
+    lp4, en4 = token_logprobs_and_entropy(hidden, weight, targets, **kw)
     got4 = torch.autograd.grad((en4 * w_lp).sum(), (hidden, weight, bias))  # log-prob unused
     for a, b3, w in zip(got, got3, want_lp):
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
@@ -141,20 +146,27 @@ def _largest_saved_numel(fn: Callable[[], Tensor]) -> int:
     return max(sizes)
 
 
-def test_autograd_keeps_no_full_logits() -> None:
+def test_autograd_keeps_full_logits_only_within_save_bytes() -> None:
+    """Over the `save_bytes` budget (0 here) autograd holds nothing of size N x V; within it the
+    forward's log-softmax is kept (N x V float64 = 8,400 bytes for these 21 tokens)."""
     hidden, weight, bias, targets = _inputs()
     n_tokens = B * T
     assert weight.numel() < n_tokens * V  # so the check below can only be tripped by logits
 
-    def chunked() -> Tensor:
-        lp, en = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, bias=bias)
-        return lp + en
+    def chunked(save_bytes: int) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            lp, en = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, bias=bias,
+                                                save_bytes=save_bytes)
+            return lp + en
+        return run
 
     def naive() -> Tensor:
         lp, en = _naive(hidden, weight, bias, targets)
         return lp + en
 
-    assert _largest_saved_numel(chunked) < n_tokens * V
+    assert _largest_saved_numel(chunked(0)) < n_tokens * V
+    assert _largest_saved_numel(chunked(n_tokens * V * 8 - 1)) < n_tokens * V  # one byte short
+    assert _largest_saved_numel(chunked(n_tokens * V * 8)) == n_tokens * V
     assert _largest_saved_numel(naive) >= n_tokens * V  # the probe does see full logits
 
 
