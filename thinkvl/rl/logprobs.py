@@ -181,8 +181,9 @@ def token_logprobs_and_entropy(
         with_entropy: False skips the entropy (returned as zeros, not differentiable).
         save_bytes: when a gradient is needed and the float32 log-softmax of all kept positions
             takes at most this many bytes, the forward keeps it and the backward does not
-            recompute the logits (one matmul fewer; measured +4-8% on a 50M-parameter SFT step with
-            a 32k vocabulary). 0 always recomputes (memory O(chunk_size * V) in both directions).
+            recompute the logits (one matmul fewer: a 50M-parameter SFT step with a 32k vocabulary
+            and ~800 supervised tokens went 4.35 -> 4.07 s on a 2-core CPU). 0 always recomputes
+            (memory O(chunk_size * V) in both directions).
 
     Returns:
         ``(logp, entropy)``, each ``[B, T]`` in float32 (float64 for float64 inputs).
