@@ -6,8 +6,9 @@ hidden states through the LM head one chunk of tokens at a time, keeps only a fe
 token, and recomputes each chunk's logits in the backward pass, so the extra memory is
 O(chunk_size * V) in both directions. When the log-softmax of every kept token fits in
 ``save_bytes`` (default 256 MiB: small vocabularies, short CPU batches), the forward keeps it and
-the backward skips the recomputation, one LM-head matmul in three. The matmul runs in the weights' dtype (as the model's own
-head does) and the softmax in float32 (float64 if the inputs are float64).
+the backward skips the recomputation, one LM-head matmul in three. The matmul runs in the
+weights' dtype (as the model's own head does) and the softmax in float32 (float64 if the inputs
+are float64).
 """
 
 import torch
@@ -37,9 +38,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     Saves the inputs plus two numbers per token (logsumexp, entropy); the backward recomputes each
     chunk's logits, using ``d logp/dz = onehot - p`` and ``dH/dz = -p * (log p + H)``. When a
     gradient is needed and the whole ``[N, V]`` log-softmax takes at most ``save_bytes``, it is
-    kept from the forward instead and nothing is recomputed. Without
-    ``with_entropy`` the entropy is neither computed nor differentiable (returned as zeros), which
-    saves an exp, a product and a sum over every ``[c, V]`` chunk in each direction.
+    kept from the forward instead and nothing is recomputed. Without ``with_entropy`` the entropy
+    is neither computed nor differentiable (returned as zeros), which saves an exp, a product and
+    a sum over every ``[c, V]`` chunk in each direction.
     """
 
     @staticmethod
@@ -100,10 +101,10 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         dev = weight.device
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=dev) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=dev) if need_b else None
+        with_entropy = ctx.with_entropy and grad_entropy is not None
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             h = hidden[sl]
-            with_entropy = ctx.with_entropy and grad_entropy is not None
             if ctx.kept:  # a fresh buffer only where the in-place entropy path would write into it
                 log_p = saved[sl].clone() if with_entropy else saved[sl]
             else:
