@@ -74,7 +74,7 @@ def test_logprob_only_paths_match_naive(temperature: float, save_bytes: int) -> 
     want_en = torch.autograd.grad((en_ref * w_lp).sum(), (hidden, weight, bias))
 
     kw = dict(chunk_size=4, temperature=temperature, bias=bias, save_bytes=save_bytes)
-    lp, _ = token_logprobs_and_entropy(hidden, weight, targets, with_entropy=False, **kw)
+    lp = token_logprobs_from_hidden(hidden, weight, targets, **kw)
     torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-12)
     got = torch.autograd.grad((lp * w_lp).sum(), (hidden, weight, bias))
     lp2, en2 = token_logprobs_and_entropy(hidden, weight, targets, with_entropy=False, **kw)
@@ -90,7 +90,8 @@ def test_logprob_only_paths_match_naive(temperature: float, save_bytes: int) -> 
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck() -> None:
+@pytest.mark.parametrize("save_bytes", SAVE)
+def test_gradcheck(save_bytes: int) -> None:
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -98,15 +99,16 @@ def test_gradcheck() -> None:
     targets = torch.randint(0, 6, (2, 3), generator=g)
 
     def f(h: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        return token_logprobs_and_entropy(h, w, targets, chunk_size=4, temperature=0.9, bias=b)
+        return token_logprobs_and_entropy(h, w, targets, chunk_size=4, temperature=0.9, bias=b, save_bytes=save_bytes)
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias))
 
 
-def test_no_bias_no_weight_grad_float32() -> None:
+@pytest.mark.parametrize("save_bytes", SAVE)
+def test_no_bias_no_weight_grad_float32(save_bytes: int) -> None:
     hidden, weight, _, targets = _inputs(torch.float32)
     weight = weight.detach()  # a frozen / tied head that needs no gradient
-    lp = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=8)
+    lp = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=8, save_bytes=save_bytes)
     lp.sum().backward()
     lp_ref = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[..., None])[..., 0]
     (g_ref,) = torch.autograd.grad(lp_ref.sum(), hidden)
@@ -115,13 +117,14 @@ def test_no_bias_no_weight_grad_float32() -> None:
     torch.testing.assert_close(hidden.grad, g_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_masked_and_ignored_positions_are_zero_and_get_no_gradient() -> None:
+@pytest.mark.parametrize("save_bytes", SAVE)
+def test_masked_and_ignored_positions_are_zero_and_get_no_gradient(save_bytes: int) -> None:
     hidden, weight, bias, targets = _inputs()
     targets = targets.clone()
     targets[0, :2] = -100
     mask = torch.ones(B, T)
     mask[2, 4:] = 0
-    lp, en = token_logprobs_and_entropy(hidden, weight, targets, 5, bias=bias, mask=mask)
+    lp, en = token_logprobs_and_entropy(hidden, weight, targets, 5, bias=bias, mask=mask, save_bytes=save_bytes)
     (lp.sum() + en.sum()).backward()
     skipped = torch.zeros(B, T, dtype=torch.bool)
     skipped[0, :2] = True
@@ -191,11 +194,12 @@ def test_bad_arguments() -> None:
         token_logprobs_from_hidden(hidden, weight[:, :-1], targets)
 
 
-def test_bfloat16_head_is_close_to_float64() -> None:
+@pytest.mark.parametrize("save_bytes", SAVE)
+def test_bfloat16_head_is_close_to_float64(save_bytes: int) -> None:
     hidden, weight, bias, targets = _inputs(torch.float64)
     h16 = hidden.detach().to(torch.bfloat16).requires_grad_(True)
     w16 = weight.detach().to(torch.bfloat16).requires_grad_(True)
-    lp = token_logprobs_from_hidden(h16, w16, targets, chunk_size=5)
+    lp = token_logprobs_from_hidden(h16, w16, targets, chunk_size=5, save_bytes=save_bytes)
     lp.sum().backward()
     assert lp.dtype == torch.float32 and w16.grad.dtype == torch.bfloat16
     # reference from the same rounded inputs, computed in float64
@@ -207,3 +211,52 @@ def test_bfloat16_head_is_close_to_float64() -> None:
     torch.testing.assert_close(lp.double(), ref, rtol=0, atol=0.05)
     torch.testing.assert_close(w16.grad.double(), w64.grad, rtol=0.02, atol=0.05)
     torch.testing.assert_close(h16.grad.double(), h64.grad, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("save_bytes", SAVE)
+def test_bf16_autocast_gradients_match_autocast_reference(save_bytes: int) -> None:
+    """Forward under CPU bf16 autocast, backward outside it (as the SFT step runs): the logits
+    recomputed in the backward must be the forward's (bf16 matmul), else softmax(z) - lse does not
+    sum to 1 and the gradient is off by percents. Reference: the naive computation under autocast."""
+    hidden, weight, _, targets = _inputs(torch.float32, seed=4)
+    g = torch.Generator().manual_seed(5)
+    w_lp = torch.randn(B, T, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _ = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, with_entropy=False,
+                                           save_bytes=save_bytes)
+    got = torch.autograd.grad((lp * w_lp).sum(), (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (hidden @ weight.t()).float()
+    ref = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    want = torch.autograd.grad((ref * w_lp).sum(), (hidden, weight))
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-4)
+    for a, b in zip(got, want):
+        rel = float((a - b).norm() / b.norm())
+        assert rel < 5e-3, rel
+
+
+def test_no_log_softmax_kept_without_grad_mode(monkeypatch) -> None:
+    """Under no_grad nothing can call the backward, so no [N, V] buffer is kept whatever the budget
+    (the Function itself cannot tell: grad mode is always off inside its forward)."""
+    import thinkvl.rl.logprobs as L
+
+    seen = []
+    real = L._ChunkedLogprobEntropy.apply
+    monkeypatch.setattr(L._ChunkedLogprobEntropy, "apply", lambda *a: seen.append(a[-1]) or real(*a))
+    hidden, weight, bias, targets = _inputs()
+    with torch.no_grad():
+        token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, bias=bias, save_bytes=1 << 30)
+    with torch.inference_mode():
+        token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, bias=bias, save_bytes=1 << 30)
+    token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, bias=bias, save_bytes=1 << 30)
+    assert seen == [0, 0, 1 << 30]
+
+
+def test_double_backward_raises() -> None:
+    """The backward is first-order only; asking for a second derivative fails loudly instead of
+    returning a wrong one."""
+    hidden, weight, bias, targets = _inputs()
+    lp, _ = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4, bias=bias)
+    (gh,) = torch.autograd.grad(lp.sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|marked with @once"):
+        gh.sum().backward()

@@ -77,3 +77,31 @@ def test_adamw_fused_matches_the_per_tensor_loop_and_falls_back():
         assert (a - p0).abs().min() > 1e-5  # every entry moved (the two sides did not both stay put)
     p64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     assert adamw([{"params": [p64], "lr": 1e-3}], (0.9, 0.95)).defaults["fused"] is None
+
+
+def test_resuming_an_old_checkpoint_keeps_the_fused_kernel():
+    """A checkpoint written by the per-tensor loop optimiser (before `adamw` chose the fused
+    kernel) carries foreach=False/fused=None in its param groups; loading it keeps the fused
+    kernel, and the moments and step count are the checkpoint's."""
+    import torch
+
+    from thinkvl.train import distributed as D
+    from thinkvl.train.common import adamw
+
+    p = torch.nn.Parameter(torch.ones(4))
+    old = torch.optim.AdamW([{"params": [p], "lr": 0.1}], betas=(0.9, 0.95), foreach=False)
+    p.grad = torch.full((4,), 0.5)
+    old.step()
+    saved = old.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+
+    q = torch.nn.Parameter(p.detach().clone())
+    new = adamw([{"params": [q], "lr": 0.1}], (0.9, 0.95))
+    D.load_optim_state(torch.nn.Linear(1, 1), new, saved, D.setup("cpu"))
+    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["foreach"] is None
+    assert float(new.state[q]["step"]) == 1.0
+    assert torch.equal(new.state[q]["exp_avg"], old.state[p]["exp_avg"])
+    q.grad, p.grad = torch.full((4,), 0.5), torch.full((4,), 0.5)
+    new.step()
+    old.step()
+    assert torch.allclose(q, p, rtol=0, atol=1e-6)  # the same second step

@@ -6,13 +6,16 @@ hidden states through the LM head one chunk of tokens at a time, keeps only a fe
 token, and recomputes each chunk's logits in the backward pass, so the extra memory is
 O(chunk_size * V) in both directions. When the log-softmax of every kept token fits in
 ``save_bytes`` (default 256 MiB: small vocabularies, short CPU batches), the forward keeps it and
-the backward skips the recomputation, one LM-head matmul in three. The matmul runs in the
+the backward skips the recomputation, one LM-head matmul in four. The matmul runs in the
 weights' dtype (as the model's own head does) and the softmax in float32 (float64 if the inputs
 are float64).
 """
 
+import contextlib
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "token_logprobs_from_hidden",
@@ -38,7 +41,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     Saves the inputs plus two numbers per token (logsumexp, entropy); the backward recomputes each
     chunk's logits, using ``d logp/dz = onehot - p`` and ``dH/dz = -p * (log p + H)``. When a
     gradient is needed and the whole ``[N, V]`` log-softmax takes at most ``save_bytes``, it is
-    kept from the forward instead and nothing is recomputed. Without ``with_entropy`` the entropy
+    kept from the forward instead and nothing is recomputed. A recomputation runs under the
+    forward's autocast state, so its logits match the ``lse`` saved from the forward. First-order
+    only (a double backward raises). Without ``with_entropy`` the entropy
     is neither computed nor differentiable (returned as zeros), which saves an exp, a product and
     a sum over every ``[c, V]`` chunk in each direction.
     """
@@ -58,6 +63,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         out_dtype = torch.promote_types(hidden.dtype, torch.float32)
         n_vocab = weight.shape[0]
+        # grad mode is off inside forward and needs_input_grad only says what requires grad, so the
+        # caller passes save_bytes=0 when no backward can follow (no_grad / inference_mode)
         keep = any(ctx.needs_input_grad[:3]) and n * n_vocab * out_dtype.itemsize <= save_bytes
         saved = hidden.new_empty((n, n_vocab) if keep else (0,), dtype=out_dtype)  # log-softmax rows
         logp = hidden.new_empty(n, dtype=out_dtype)
@@ -74,10 +81,12 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 p = torch.exp(z - lse_c.unsqueeze(1))  # [c, V]
                 entropy[sl] = lse_c - p.mul_(z).sum(dim=-1)
             if keep:
-                saved[sl] = z.sub_(lse_c.unsqueeze(1))
+                torch.sub(z, lse_c.unsqueeze(1), out=saved[sl])
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, saved)
         ctx.kept = keep
+        dev = hidden.device.type
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
         ctx.chunk_size = chunk_size
         ctx.temperature = temperature
         ctx.with_entropy = with_entropy
@@ -87,6 +96,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_logp: Tensor, grad_entropy: Tensor
     ) -> tuple[Tensor | None, ...]:
@@ -102,13 +112,17 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=dev) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=dev) if need_b else None
         with_entropy = ctx.with_entropy and grad_entropy is not None
+        autocast = (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]) if ctx.autocast and not ctx.kept
+                    else contextlib.nullcontext())
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             h = hidden[sl]
             if ctx.kept:  # a fresh buffer only where the in-place entropy path would write into it
                 log_p = saved[sl].clone() if with_entropy else saved[sl]
             else:
-                log_p = _chunk_logits(h, weight, bias, temperature).sub_(lse[sl].unsqueeze(1))  # [c, V]
+                with autocast:  # the forward's logits: bf16 under bf16 autocast, as lse came from them
+                    z = _chunk_logits(h, weight, bias, temperature)
+                log_p = z.sub_(lse[sl].unsqueeze(1))  # [c, V]
             g_lp = grad_logp[sl].unsqueeze(1)  # [c, 1]
             if with_entropy:
                 p = torch.exp(log_p)  # [c, V]
@@ -209,7 +223,7 @@ def token_logprobs_and_entropy(
     idx = keep.nonzero().squeeze(1)  # [n]; skipping prompt/padding rows saves their V-wide work
     logp_kept, ent_kept = _ChunkedLogprobEntropy.apply(
         flat_h.index_select(0, idx), lm_head_weight, bias, flat_t.index_select(0, idx),
-        chunk_size, temperature, with_entropy, save_bytes,
+        chunk_size, temperature, with_entropy, save_bytes if torch.is_grad_enabled() else 0,
     )
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
     zeros = flat_h.new_zeros(flat_t.shape[0], dtype=out_dtype)
@@ -227,10 +241,12 @@ def token_logprobs_from_hidden(
     bias: Tensor | None = None,
     mask: Tensor | None = None,
     ignore_index: int = -100,
+    save_bytes: int = SAVE_BYTES,
 ) -> Tensor:
     """Per-token log-probs ``[B, T]``; :func:`token_logprobs_and_entropy` without the entropy."""
     logp, _ = token_logprobs_and_entropy(
-        hidden, lm_head_weight, targets, chunk_size, temperature, bias, mask, ignore_index, with_entropy=False
+        hidden, lm_head_weight, targets, chunk_size, temperature, bias, mask, ignore_index, with_entropy=False,
+        save_bytes=save_bytes,
     )
     return logp
 

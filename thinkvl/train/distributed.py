@@ -114,13 +114,22 @@ def optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -
     return get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+_IMPL_KEYS = ("fused", "foreach")  # how the optimiser computes, not what it learnt
+
+
 def load_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, state: dict, d: Dist) -> None:
+    """Load a checkpoint's optimiser state, keeping this optimiser's implementation choice: a
+    state dict's param groups carry `fused`/`foreach`, and a checkpoint written before
+    `train.common.adamw` chose the fused kernel would otherwise switch it off for the whole run."""
+    impl = [{k: g[k] for k in _IMPL_KEYS if k in g} for g in optim.param_groups]
     if not d.enabled:
         optim.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
+    for g, keep in zip(optim.param_groups, impl):
+        g.update(keep)
 
 
 def cleanup(d: Dist) -> None:
