@@ -43,9 +43,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     gradient is needed and the whole ``[N, V]`` log-softmax takes at most ``save_bytes``, it is
     kept from the forward instead and nothing is recomputed. A recomputation runs under the
     forward's autocast state, so its logits match the ``lse`` saved from the forward. First-order
-    only (a double backward raises). Without ``with_entropy`` the entropy
-    is neither computed nor differentiable (returned as zeros), which saves an exp, a product and
-    a sum over every ``[c, V]`` chunk in each direction.
+    only (a double backward raises). Without ``with_entropy`` the entropy is neither computed nor
+    differentiable (returned as zeros), which saves an exp, a product and a sum over every
+    ``[c, V]`` chunk in each direction.
     """
 
     @staticmethod
