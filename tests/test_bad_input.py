@@ -228,3 +228,15 @@ def test_overlong_truncated_or_dropped_never_through_an_image(kimi, images):
     with torch.no_grad():  # and the model accepts it: image features match the placeholders
         batch = collate_rows([t], [[0]], kimi.pad_id, kimi.positions)
         assert torch.isfinite(token_logprobs(kimi.model, batch)).all()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.optimizer=lion", "loss.optimizer: 'lion' unknown; choose one of adamw, sgd"),
+    ("loss.momentum=1.0", "loss.momentum: must be in [0, 1), got 1.0"),
+])
+def test_rl_optimizer_choice_names_key_and_allowed(override, message):
+    from thinkvl.rl.loop import RLConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(RLConfig, overrides=["data.problems=p.jsonl", override])
+    assert str(e.value) == message

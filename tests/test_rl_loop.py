@@ -135,12 +135,16 @@ RESUME_KEYS = ("reward", "accuracy", "loss", "grad_norm", "entropy", "kl", "leng
                "sampler/success_mean", "sampler/seen_frac")
 
 
-def test_resume_equals_uninterrupted(toy, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_resume_equals_uninterrupted(toy, tmp_path, optimizer):
     # Prioritized sampling over 8 problems, 2 per iteration: which problems come next depends on the
-    # sampler's RNG and success statistics, so those must be restored, as must the optimiser state.
+    # sampler's RNG and success statistics, so those must be restored, as must the optimiser state
+    # (Adam's moments; SGD's momentum buffers).
     over = {"iterations": 6, "save_every": 2, "rollout.prompts_per_iter": 2, "rollout.k": 4,
             "sampler.kind": "prioritized", "loss.updates_per_iter": 2, "loss.tau": 0.5,
-            "length_penalty.weight": 0.2, "length_penalty.warmup_iters": 2}
+            "length_penalty.weight": 0.2, "length_penalty.warmup_iters": 2, "loss.optimizer": optimizer}
+    if optimizer == "sgd":
+        over["loss.lr"] = 0.5
     full = train(rl_config(toy, tmp_path / "full", **over)).path
     part = tmp_path / "part"
     train(rl_config(toy, part, **dict(over, iterations=3)))  # "interrupted" after iteration 3

@@ -105,3 +105,30 @@ def test_resuming_an_old_checkpoint_keeps_the_fused_kernel():
     new.step()
     old.step()
     assert torch.allclose(q, p, rtol=0, atol=1e-6)  # the same second step
+
+
+def test_sgd_optimizer_is_heavy_ball_momentum_by_hand():
+    """`make_optimizer(..., "sgd")`: v = mu * v + (g + wd * p); p -= lr * v, per group, computed by
+    hand for three steps; an unknown name is a ConfigError naming the choices."""
+    import torch
+
+    from thinkvl.config import ConfigError
+    from thinkvl.train.common import make_optimizer
+
+    a, b = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5]))
+    opt = make_optimizer([{"params": [a], "lr": 0.1, "weight_decay": 0.0},
+                          {"params": [b], "lr": 0.01, "weight_decay": 0.5}], "sgd", momentum=0.5)
+    assert isinstance(opt, torch.optim.SGD)
+    grads = [([1.0, 1.0], [2.0]), ([-1.0, 3.0], [0.0]), ([0.0, 0.0], [-4.0])]
+    va, vb, pa, pb = [0.0, 0.0], 0.0, [1.0, -2.0], 0.5
+    for ga, gb in grads:
+        a.grad, b.grad = torch.tensor(ga), torch.tensor(gb)
+        opt.step()
+        va = [0.5 * v + g for v, g in zip(va, ga)]
+        pa = [p - 0.1 * v for p, v in zip(pa, va)]
+        vb = 0.5 * vb + gb[0] + 0.5 * pb
+        pb = pb - 0.01 * vb
+    assert a.tolist() == pytest.approx(pa, abs=1e-6)
+    assert b.item() == pytest.approx(pb, abs=1e-6)
+    with pytest.raises(ConfigError, match="adamw, sgd"):
+        make_optimizer([{"params": [a], "lr": 0.1}], "lion")

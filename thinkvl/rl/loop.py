@@ -46,7 +46,7 @@ from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
 from thinkvl.rollout.types import Rollout
 from thinkvl.train import distributed as D
-from thinkvl.train.common import ModelConfig, RunDir, Timer, adamw, param_groups, set_lr
+from thinkvl.train.common import OPTIMIZERS, ModelConfig, RunDir, Timer, make_optimizer, param_groups, set_lr
 
 log = logging.getLogger("thinkvl")
 
@@ -86,10 +86,17 @@ class LossConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     clip_grad: float = 1.0
+    optimizer: str = "adamw"  # adamw (betas 0.9, 0.95) | sgd (heavy-ball momentum below)
+    momentum: float = 0.9  # sgd only
 
     def check(self, prefix: str) -> None:
         if self.name not in LOSSES:
             raise ConfigError(f"{prefix}.name: {self.name!r} unknown; choose one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{prefix}.optimizer: {self.optimizer!r} unknown; choose one of "
+                              f"{', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{prefix}.momentum: must be in [0, 1), got {self.momentum}")
 
 
 @dataclass
@@ -411,7 +418,7 @@ def train(cfg: RLConfig) -> RunDir:
                  cfg.model.attn_implementation)
     model = D.shard(model, d)  # before the optimiser: fully_shard replaces the parameters
     groups = param_groups(model, cfg.model, cfg.loss.lr, cfg.loss.weight_decay)
-    optim = adamw(groups, (0.9, 0.95))
+    optim = make_optimizer(groups, cfg.loss.optimizer, (0.9, 0.95), cfg.loss.momentum)
     set_lr(optim, cfg.loss.lr)
 
     start = 0

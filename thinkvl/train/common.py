@@ -99,6 +99,25 @@ def adamw(groups: list[dict], betas: tuple[float, float]) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=betas, **({"fused": True} if fused else {"foreach": False}))
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(groups: list[dict], name: str, betas: tuple[float, float] = (0.9, 0.95),
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """`adamw` (see `adamw`) or `sgd`: SGD with heavy-ball momentum (a group's `weight_decay` is
+    added to its gradient, as PyTorch's SGD does). AdamW moves every weight by about the
+    learning rate per step whatever its gradient's size; SGD's step is proportional to the gradient,
+    so weights whose gradients are small (or pure noise that averages out) stay nearly still."""
+    if name == "adamw":
+        return adamw(groups, betas)
+    if name == "sgd":
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum,
+                               **({"fused": True} if fused else {"foreach": False}))
+    raise ConfigError(f"optimizer {name!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
+
+
 def set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
     for g in optim.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
