@@ -132,3 +132,34 @@ def test_sgd_optimizer_is_heavy_ball_momentum_by_hand():
     assert b.item() == pytest.approx(pb, abs=1e-6)
     with pytest.raises(ConfigError, match="adamw, sgd"):
         make_optimizer([{"params": [a], "lr": 0.1}], "lion")
+
+
+def test_trainable_patterns_freeze_every_other_parameter():
+    """`model.trainable`: only parameters whose names match a pattern get a group and keep
+    requires_grad; the freeze_* flags still apply on top; a pattern that matches nothing or does
+    not compile is a ConfigError naming `model.trainable`."""
+    import torch
+
+    from thinkvl.config import ConfigError
+    from thinkvl.train.common import ModelConfig, param_groups
+
+    def net() -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.vision_tower = torch.nn.Linear(2, 2)
+        m.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+        m.norm = torch.nn.LayerNorm(2)
+        return m
+
+    m = net()
+    groups = param_groups(m, ModelConfig(trainable=[r"layers\.1\.", r"^norm\.weight$"]), 1e-3, 0.0)
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trained == {"layers.1.weight", "layers.1.bias", "norm.weight"}
+    assert [g["name"] for g in groups] == ["lm"] and len(groups[0]["params"]) == 3
+    m = net()
+    groups = param_groups(m, ModelConfig(trainable=["weight"], freeze_vision=True), 1e-3, 0.0)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"layers.0.weight", "layers.1.weight",
+                                                                       "norm.weight"}
+    with pytest.raises(ConfigError, match=r"model\.trainable: 'blocks' matches no parameter name"):
+        param_groups(net(), ModelConfig(trainable=["layers", "blocks"]), 1e-3, 0.0)
+    with pytest.raises(ConfigError, match=r"model\.trainable\[0\]: '\(' is not a regular expression"):
+        ModelConfig(trainable=["("]).check("model")

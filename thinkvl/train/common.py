@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ class ModelConfig:
     freeze_vision: bool = False  # vision encoder frozen
     freeze_projector: bool = False  # vision-to-text MLP projector frozen
     freeze_lm: bool = False  # language model frozen
+    # Regular expressions (re.search on parameter names): when set, only matching parameters train,
+    # e.g. ["blocks\\.3\\."] for the last LM block of the tiny model; applied after the freeze_* flags
+    trainable: list[str] | None = None
     lr_mult_vision: float = 1.0  # learning-rate multiplier of the vision encoder
     lr_mult_projector: float = 1.0  # of the projector
     lr_mult_lm: float = 1.0  # of the language model
@@ -51,6 +55,11 @@ class ModelConfig:
         for part in PART_NAMES:
             if getattr(self, f"lr_mult_{part}") < 0:
                 raise ConfigError(f"{prefix}.lr_mult_{part}: must be >= 0")
+        for i, pattern in enumerate(self.trainable or []):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{prefix}.trainable[{i}]: {pattern!r} is not a regular expression ({e})") from None
 
 
 def part_of(param_name: str) -> str:
@@ -64,14 +73,29 @@ def part_of(param_name: str) -> str:
 
 
 def param_groups(model: torch.nn.Module, cfg: ModelConfig, lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups by model part; frozen parts get requires_grad=False and no group."""
+    """Optimiser groups by model part; frozen parameters (a frozen part, or outside
+    `cfg.trainable` when that is set) get requires_grad=False and no group."""
     groups: dict[str, list] = {p: [] for p in PART_NAMES}
+    patterns = [re.compile(x) for x in cfg.trainable or []]
+    hits = [0] * len(patterns)
+    n_all = n_train = 0
     for name, p in model.named_parameters():
         part = part_of(name)
-        if getattr(cfg, f"freeze_{part}"):
+        n_all += p.numel()
+        matched = [i for i, rx in enumerate(patterns) if rx.search(name)]
+        for i in matched:
+            hits[i] += 1
+        if getattr(cfg, f"freeze_{part}") or (patterns and not matched):
             p.requires_grad_(False)
         elif p.requires_grad:
             groups[part].append(p)
+            n_train += p.numel()
+    for pattern, n in zip(cfg.trainable or [], hits):
+        if n == 0:
+            raise ConfigError(f"model.trainable: {pattern!r} matches no parameter name (names look like "
+                              f"{next(iter(dict(model.named_parameters())))!r})")
+    if patterns:
+        log.info("model.trainable: training %d of %d parameters", n_train, n_all)
     out = []
     for part, params in groups.items():
         if params:
