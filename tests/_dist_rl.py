@@ -29,7 +29,7 @@ from thinkvl.rl.losses import get_loss  # noqa: E402
 from thinkvl.rollout.engine import SamplingParams  # noqa: E402
 from thinkvl.rollout.hf_engine import HFEngine  # noqa: E402
 from thinkvl.train import distributed as D  # noqa: E402
-from thinkvl.train.common import param_groups  # noqa: E402
+from thinkvl.train.common import make_optimizer, param_groups  # noqa: E402
 
 PROMPTS = ["Say 7.", "Say the number 7.", "Please say 7.", "What is 7?"]
 K = 4
@@ -72,7 +72,8 @@ def run_update(model_dir: str, tau: float = 0.5, lr: float = 1.0) -> tuple[dict,
     # Optimiser over the sharded parameters (fully_shard replaces them). Plain SGD: the weight change
     # is then the (clipped) gradient itself, whereas Adam's first step, about lr * sign(g), would turn
     # float noise in near-zero gradient entries into full-size differences.
-    optim = torch.optim.SGD(param_groups(model, cfg.model, lr, 0.0))
+    # make_optimizer: its SGD must step on FSDP2's DTensor parameters (no fused kernel there)
+    optim = make_optimizer(param_groups(model, cfg.model, lr, 0.0), "sgd", momentum=0.0)
     loss_fn = functools.partial(get_loss("mirror_descent"), tau=tau)
     out = update(model, optim, flat, K, loaded, cfg, d, loss_fn, n_global)
     out["n_global"] = n_global

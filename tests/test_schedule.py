@@ -163,3 +163,44 @@ def test_trainable_patterns_freeze_every_other_parameter():
         param_groups(net(), ModelConfig(trainable=["layers", "blocks"]), 1e-3, 0.0)
     with pytest.raises(ConfigError, match=r"model\.trainable\[0\]: '\(' is not a regular expression"):
         ModelConfig(trainable=["("]).check("model")
+    with pytest.raises(ConfigError, match=r"model\.trainable: an empty list would train nothing"):
+        ModelConfig(trainable=[]).check("model")
+
+
+def test_resume_keeps_the_configs_hyperparameters_and_refuses_another_optimiser():
+    """Loading a checkpoint's optimiser state: the moments/buffers are the checkpoint's, the
+    hyperparameters this run's config (a new momentum is not silently replaced by the old one);
+    state written by the other optimiser, or for other trained parameters, is a ConfigError naming
+    the key to change."""
+    import torch
+
+    from thinkvl.config import ConfigError
+    from thinkvl.train import distributed as D
+    from thinkvl.train.common import make_optimizer
+
+    d = D.setup("cpu")
+    p = torch.nn.Parameter(torch.ones(3))
+    old = make_optimizer([{"params": [p], "lr": 0.1, "weight_decay": 0.0}], "sgd", momentum=0.9)
+    p.grad = torch.full((3,), 2.0)
+    old.step()
+    saved = old.state_dict()
+
+    q = torch.nn.Parameter(p.detach().clone())
+    new = make_optimizer([{"params": [q], "lr": 0.1, "weight_decay": 0.0}], "sgd", momentum=0.5)
+    D.load_optim_state(torch.nn.Linear(1, 1), new, saved, d)
+    assert new.param_groups[0]["momentum"] == 0.5  # the config's, not the checkpoint's 0.9
+    assert torch.equal(new.state[q]["momentum_buffer"], torch.full((3,), 2.0))  # the checkpoint's buffer
+    q.grad = torch.zeros(3)
+    new.step()  # v = 0.5 * 2 + 0 = 1; q = 0.8 - 0.1 * 1
+    assert torch.allclose(q.detach(), torch.full((3,), 0.7))
+
+    adam = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(3))], "lr": 0.1}], "adamw")
+    with pytest.raises(ConfigError, match=r"^loss\.optimizer: the checkpoint's optimiser state is sgd's"):
+        D.load_optim_state(torch.nn.Linear(1, 1), adam, saved, d)
+    other = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(4))], "lr": 0.1}], "sgd")
+    with pytest.raises(ConfigError, match=r"^model\.trainable / model\.freeze_\*: the checkpoint's optimiser state"):
+        D.load_optim_state(torch.nn.Linear(1, 1), other, saved, d)
+    two = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))],
+                           "lr": 0.1}], "sgd")
+    with pytest.raises(ConfigError, match=r"^model\.trainable"):
+        D.load_optim_state(torch.nn.Linear(1, 1), two, saved, d)

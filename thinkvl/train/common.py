@@ -38,7 +38,8 @@ class ModelConfig:
     freeze_projector: bool = False  # vision-to-text MLP projector frozen
     freeze_lm: bool = False  # language model frozen
     # Regular expressions (re.search on parameter names): when set, only matching parameters train,
-    # e.g. ["blocks\\.3\\."] for the last LM block of the tiny model; applied after the freeze_* flags
+    # e.g. ["layers\\.3\\.", "language_model\\.norm"] for the tiny model's last LM block (names as
+    # model.named_parameters() gives them); applied after the freeze_* flags
     trainable: list[str] | None = None
     lr_mult_vision: float = 1.0  # learning-rate multiplier of the vision encoder
     lr_mult_projector: float = 1.0  # of the projector
@@ -55,6 +56,9 @@ class ModelConfig:
         for part in PART_NAMES:
             if getattr(self, f"lr_mult_{part}") < 0:
                 raise ConfigError(f"{prefix}.lr_mult_{part}: must be >= 0")
+        if self.trainable is not None and not self.trainable:
+            raise ConfigError(f"{prefix}.trainable: an empty list would train nothing; leave it unset to train "
+                              "every parameter")
         for i, pattern in enumerate(self.trainable or []):
             try:
                 re.compile(pattern)
@@ -93,9 +97,10 @@ def param_groups(model: torch.nn.Module, cfg: ModelConfig, lr: float, weight_dec
     for pattern, n in zip(cfg.trainable or [], hits):
         if n == 0:
             raise ConfigError(f"model.trainable: {pattern!r} matches no parameter name (names look like "
-                              f"{next(iter(dict(model.named_parameters())))!r})")
+                              f"{next(iter(dict(model.named_parameters())))!r}; tied weights such as an "
+                              "lm_head shared with the embeddings go by their first name)")
     if patterns:
-        log.info("model.trainable: training %d of %d parameters", n_train, n_all)
+        log.info("model.trainable: training %d of %d parameters (after the freeze_* flags)", n_train, n_all)
     out = []
     for part, params in groups.items():
         if params:
@@ -141,7 +146,10 @@ def make_optimizer(groups: list[dict], name: str, betas: tuple[float, float] = (
     if name == "adamw":
         return adamw(groups, betas)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, **_impl(groups))
+        # torch 2.14's fused SGD kernel has no sharding rule for FSDP2's DTensor parameters
+        sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum,
+                               **({"foreach": False} if sharded else _impl(groups)))
     raise ConfigError(f"optimizer {name!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
 
 
