@@ -240,3 +240,13 @@ def test_rl_optimizer_choice_names_key_and_allowed(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(RLConfig, overrides=["data.problems=p.jsonl", override])
     assert str(e.value) == message
+
+
+def test_override_that_is_not_yaml_names_key_and_how_to_quote():
+    from thinkvl.rl.loop import RLConfig
+
+    with pytest.raises(ConfigError, match=r"^model\.trainable: '\[layers\\\\\.\[23\]\\\\\.\]' is not a YAML value "
+                                          r"\(while parsing a flow sequence\); quote strings"):
+        load_config(RLConfig, overrides=["data.problems=p.jsonl", r"model.trainable=[layers\.[23]\.]"])
+    cfg = load_config(RLConfig, overrides=["data.problems=p.jsonl", r"model.trainable=['layers\.[23]\.']"])
+    assert cfg.model.trainable == [r"layers\.[23]\."]

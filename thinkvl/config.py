@@ -115,7 +115,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{key}: {raw!r} is not a YAML value ({first}); quote strings that hold "
+                              "[ ] { } , : or #, e.g. key=['a[23]']") from None
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
