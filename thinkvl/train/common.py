@@ -97,7 +97,7 @@ def param_groups(model: torch.nn.Module, cfg: ModelConfig, lr: float, weight_dec
     for pattern, n in zip(cfg.trainable or [], hits):
         if n == 0:
             raise ConfigError(f"model.trainable: {pattern!r} matches no parameter name (names look like "
-                              f"{next(iter(dict(model.named_parameters())))!r}; tied weights such as an "
+                              f"{next(model.named_parameters())[0]!r}; tied weights such as an "
                               "lm_head shared with the embeddings go by their first name)")
     if patterns:
         log.info("model.trainable: training %d of %d parameters (after the freeze_* flags)", n_train, n_all)
@@ -126,10 +126,12 @@ def adamw(groups: list[dict], betas: tuple[float, float]) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=betas, **_impl(groups))
 
 
-def _impl(groups: list[dict]) -> dict:
-    """PyTorch's fused kernel when every parameter allows it, else the per-tensor loop."""
+def _impl(groups: list[dict], fused_on_dtensor: bool = True) -> dict:
+    """PyTorch's fused kernel when every parameter allows it, else the per-tensor loop.
+    `fused_on_dtensor=False`: the kernel has no sharding rule for FSDP2's DTensor parameters."""
     params = [p for g in groups for p in g["params"]]
-    fused = all(p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda")
+                and (fused_on_dtensor or type(p).__name__ != "DTensor") for p in params)
     return {"fused": True} if fused else {"foreach": False}
 
 
@@ -146,10 +148,9 @@ def make_optimizer(groups: list[dict], name: str, betas: tuple[float, float] = (
     if name == "adamw":
         return adamw(groups, betas)
     if name == "sgd":
-        # torch 2.14's fused SGD kernel has no sharding rule for FSDP2's DTensor parameters
-        sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
+        # torch 2.14's fused SGD kernel, unlike fused AdamW, has no sharding rule for DTensor
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum,
-                               **({"foreach": False} if sharded else _impl(groups)))
+                               **_impl(groups, fused_on_dtensor=False))
     raise ConfigError(f"optimizer {name!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
 
 
