@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import torchrun
 from conftest import sft_config
 from safetensors.torch import load_file
 
@@ -20,22 +17,10 @@ from thinkvl.train.sft import train
 STEPS = 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(model_dir: Path, data: Path, out_dir: Path) -> None:
+def two_process_sft(model_dir: Path, data: Path, out_dir: Path) -> None:
     """The SFT run of _dist_sft.py in 2 CPU processes (gloo), 1 micro-batch each per step."""
-    script = Path(__file__).with_name("_dist_sft.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(script), str(model_dir), str(data), str(out_dir), "1", str(STEPS)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parent.parent,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    torchrun("_dist_sft.py", str(model_dir), str(data), str(out_dir), "1", str(STEPS),
+             tmp_dir=out_dir.parent / f"{out_dir.name}_tmp")
 
 
 def losses(run_dir: Path) -> list[tuple]:
@@ -46,7 +31,7 @@ def losses(run_dir: Path) -> list[tuple]:
 @pytest.fixture(scope="module")
 def two_processes(tiny_dir, sft_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist") / "two"
-    torchrun(tiny_dir, sft_data, out)
+    two_process_sft(tiny_dir, sft_data, out)
     return out
 
 
@@ -85,7 +70,7 @@ def test_two_process_resume_is_exact(two_processes, tiny_dir, sft_data, tmp_path
     shutil.copytree(two_processes, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
     shutil.rmtree(resumed / "final")
-    torchrun(tiny_dir, sft_data, resumed)
+    two_process_sft(tiny_dir, sft_data, resumed)
     assert losses(resumed) == losses(two_processes)
     w2 = load_file(two_processes / "final" / "model.safetensors")
     w3 = load_file(resumed / "final" / "model.safetensors")

@@ -11,16 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import torchrun
 from conftest import KIMI_SMALL
 from safetensors.torch import load_file
 
@@ -102,12 +100,6 @@ def rl_config(toy: dict, out_dir: Path, **overrides) -> RLConfig:
             obj = getattr(obj, p)
         setattr(obj, last, value)
     return cfg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -354,31 +346,13 @@ def test_a_placeholder_in_a_response_stops_with_the_reason(toy):
 # --- 1 process vs 2 -------------------------------------------------------------------------
 
 
-def torchrun(*args: str, timeout: int = 240, pythonpath: Path | None = None) -> None:
-    """tests/_dist_rl.py in 2 CPU processes (gloo); a hang fails after `timeout` seconds."""
-    script = Path(__file__).with_name("_dist_rl.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(free_port()), str(script), *args],
-            capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parent.parent,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-process run still going after {timeout} s (a collective mismatch hangs): "
-                    f"{str(e.stderr)[-3000:]}")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-
-
 def test_two_processes_update_equals_one(toy, tmp_path):
     """The same fixed batch: 1 process (all 4 prompts, one micro-batch) vs torchrun with 2 gloo
     processes under FSDP2 (2 prompts each). Loss, grad norm and the updated weights must agree."""
     from _dist_rl import run_update
 
     out = tmp_path / "two.json"
-    torchrun("update", str(toy["model"]), str(out))
+    torchrun("_dist_rl.py", "update", str(toy["model"]), str(out), tmp_dir=tmp_path / "tmp", timeout=240)
     two = json.loads(out.read_text())
     w2 = torch.load(str(out) + ".pt", weights_only=True)
 
@@ -413,7 +387,8 @@ def test_two_process_train_with_uneven_generation(toy, tmp_path):
     gen_cfg["eos_token_id"] = [gen_cfg["eos_token_id"], *range(20, vocab, 2)]
     (model / "generation_config.json").write_text(json.dumps(gen_cfg))
     out = tmp_path / "run"
-    torchrun("train", str(model), str(toy["problems"]), str(out), VERIFIER, timeout=180, pythonpath=toy["root"])
+    torchrun("_dist_rl.py", "train", str(model), str(toy["problems"]), str(out), VERIFIER, tmp_dir=tmp_path / "tmp",
+             timeout=180, pythonpath=toy["root"])
     lines = metrics(out)
     print([(m["step"], m["reward"], m["response_length/mean"], m["loss"]) for m in lines])
     assert [m["step"] for m in lines] == [1, 2]
