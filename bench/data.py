@@ -7,8 +7,8 @@ import json
 import random
 from pathlib import Path
 
-from thinkvl.data.synthetic import IMAGE_TASKS, make_problem, question_text, short_response, synth
-from thinkvl.distill.program_teacher import trace
+from thinkvl.demo.tasks import IMAGE_TASKS, make_problem, question_text, short_response, synth
+from thinkvl.demo.teacher import trace
 
 SYSTEM = "You are a helpful assistant. Think step by step, then give the answer in \\boxed{}."
 

@@ -93,7 +93,7 @@ QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>
 
 
 def qwen_vl_processor() -> Qwen2_5_VLProcessor:
-    from thinkvl.data.synthetic import vocabulary_corpus
+    from thinkvl.demo.tasks import vocabulary_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

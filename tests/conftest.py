@@ -152,7 +152,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sft_data(tmp_path_factory) -> Path:
     """24 synthetic joint-SFT conversations (text and image tasks) as sft.jsonl + images/."""
-    from thinkvl.data.synthetic import synth
+    from thinkvl.demo.tasks import synth
 
     return synth(tmp_path_factory.mktemp("data"), seed=0, n_sft=24, n_rl=0, n_eval=0)["sft"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from thinkvl.data.formats import DataError, read_records
-from thinkvl.data.synthetic import synth
+from thinkvl.demo.tasks import synth
 from thinkvl.distill.longcot import DistillConfig, TeacherConfig, build, select
 from thinkvl.distill.openai_server import ServerFaults, serve, stop
 from thinkvl.rewards.verifiers import format_ok, math_verifier
@@ -49,6 +49,24 @@ def test_select_policies():
     kept, why = select(cands, DistillConfig(problems="x", selection="max_per_problem", max_per_problem=1,
                                             dedup_jaccard=1.0))
     assert kept == [GOOD] and why["over_selection_limit"] == 1
+    # sampled: the first verified ones in the order they came (shortest-first would always pick a
+    # shortcut that happened to be right)
+    kept, why = select(cands, DistillConfig(problems="x", selection="sampled", max_per_problem=1, dedup_jaccard=1.0))
+    assert kept == [longer] and why["over_selection_limit"] == 1
+
+
+def test_teacher_program_is_an_import_path(problems, tmp_path):
+    from thinkvl.config import ConfigError
+    from thinkvl.distill.longcot import make_teacher
+
+    cfg = DistillConfig(problems=str(problems), teacher=TeacherConfig(kind="program", program="no_such_module:X"))
+    with pytest.raises(ConfigError, match="teacher.program: cannot import 'no_such_module:X'"):
+        make_teacher(cfg)
+    cfg = DistillConfig(problems=str(problems), teacher=TeacherConfig(kind="program", glance_rate=1.0,
+                                                                      glance_accuracy=1.0))
+    rec = read_records(problems, "problem")[0]
+    (trace,) = make_teacher(cfg).sample_batch([rec], 1)[0]
+    assert trace.startswith("<think>\nQuick answer:")  # the knobs reach the demo's teacher
 
 
 def test_program_teacher_build_keeps_only_verified(problems, tmp_path):
@@ -128,7 +146,7 @@ def test_tasks_filter_skips_and_counts(tmp_path):
 
 
 def test_remote_build_resumes_without_paying_twice(problems, tmp_path):
-    from thinkvl.distill.program_teacher import ProgramTeacher
+    from thinkvl.demo.teacher import ProgramTeacher
 
     teacher = ProgramTeacher(seed=1, wrong_rate=0.2)
     by_question = {}

@@ -276,15 +276,38 @@ def test_majority_answer_and_top_answer_share_hand_computed():
     assert summarize([], k=0)["majority_answer"] is None
 
 
-def test_reading_is_the_mean_over_scene_problems_only():
+def test_tag_shares_are_over_responses_where_the_tag_applies():
     from thinkvl.eval.evaluate import ProblemResult, summarize
 
-    def res(i, reading):
+    def res(i, reading, samples=()):
         r = ProblemResult(id=str(i), task="t", has_image=reading is not None, difficulty="all", answer="1",
                           extracted_answer="1", score=1.0, format_ok=True, length=3, truncated=False)
-        r.reading, r.reading_colors = reading or (None, None)
+        r.tags = {} if reading is None else {"reads_exact": reading[0], "reads_colours": reading[1]}
+        r.sample_tags = [{"glance": g} for g in samples]
+        r.sample_scores = [1.0] * len(samples)
         return r
 
-    s = summarize([res(0, (True, True)), res(1, (False, True)), res(2, (False, False)), res(3, None)], k=0)
+    s = summarize([res(0, (True, True), (True, False)), res(1, (False, True), (None, False)),
+                   res(2, (False, False)), res(3, None)], k=0)
+    assert s["tags"] == pytest.approx({"reads_exact": 1 / 3, "reads_colours": 2 / 3})
     assert s["reading"] == pytest.approx(1 / 3) and s["reading_colors"] == pytest.approx(2 / 3)
+    assert s["sample_tags"] == pytest.approx({"glance": 1 / 3})  # the None sample does not count
     assert summarize([res(3, None)], k=0)["reading"] is None
+
+
+def test_standard_errors_by_hand():
+    from thinkvl.eval.evaluate import ProblemResult, summarize
+
+    def res(i, greedy, samples):
+        r = ProblemResult(id=str(i), task="t", has_image=False, difficulty="all", answer="1",
+                          score=float(greedy), format_ok=True, length=3, truncated=False)
+        r.sample_scores = [float(x) for x in samples]
+        return r
+
+    # greedy 3 of 4 right: se = sqrt(0.75 * 0.25 / 4); avg@4 per problem 1, 0.5, 0.25, 0.25:
+    # mean 0.5, sample std sqrt(((0.5)^2 + 0 + 0.25^2 + 0.25^2) / 3) = sqrt(0.125), se = that / 2
+    s = summarize([res(0, 1, [1, 1, 1, 1]), res(1, 1, [1, 1, 0, 0]), res(2, 1, [1, 0, 0, 0]),
+                   res(3, 0, [0, 0, 0, 1])], k=2)
+    assert s["greedy_pass@1"] == 0.75 and s["greedy_pass@1_se"] == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    assert s["avg@n"] == s["sampled_pass@1"] == 0.5
+    assert s["avg@n_se"] == pytest.approx(0.125 ** 0.5 / 2)

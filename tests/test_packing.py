@@ -9,7 +9,7 @@ import torch
 from thinkvl.data.chat import ChatRenderer
 from thinkvl.data.formats import read_records
 from thinkvl.data.packing import bfd_pack, collate_rows
-from thinkvl.data.synthetic import synth
+from thinkvl.demo.tasks import synth
 from thinkvl.models.forward import model_inputs, token_logprobs
 from thinkvl.models.tiny import build_processor, build_tokenizer
 from thinkvl.train import distributed as D

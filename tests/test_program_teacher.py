@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from thinkvl.data.synthetic import IMAGE_TASKS, MAX_LEVEL, TASKS, VERIFIABLE_TASKS, make_problem
-from thinkvl.distill.program_teacher import ProgramTeacher, trace, worked_response
+from thinkvl.demo.tasks import IMAGE_TASKS, MAX_LEVEL, TASKS, VERIFIABLE_TASKS, make_problem
+from thinkvl.demo.teacher import ProgramTeacher, trace, worked_response
 
 FORMAT = re.compile(r"<think>\n(.+)\n</think>\nThe answer is \\boxed\{([^{}]+)\}\.", re.DOTALL)
 # a chain of integer operations and its stated value, not part of a longer chain
@@ -234,3 +234,51 @@ def test_each_row_is_counted_where_it_is_listed(task: str, mistake: bool) -> Non
         if not mistake:
             assert "Wait, " not in think
     assert seen_wait > len(records(task)) // 2 if mistake else seen_wait == 0
+
+
+def test_glance_is_the_direct_answer_right_or_slipped():
+    import random
+
+    from thinkvl.demo.tasks import short_response
+    from thinkvl.demo.teacher import GLANCE, glance_trace
+    from thinkvl.rewards.verifiers import format_ok, math_verifier
+
+    for task in VERIFIABLE_TASKS:
+        rec = make_problem(task, 3, random.Random(5), level=4)
+        right = glance_trace(rec, random.Random(0), right=True)
+        sentence = short_response(rec).split(" The answer is ")[0]
+        assert right == f"<think>\n{GLANCE} {sentence}\n</think>\nThe answer is \\boxed{{{rec['answer']}}}."
+        assert format_ok(right) and math_verifier(right, rec["answer"]) == 1.0
+        wrong = glance_trace(rec, random.Random(0), right=False)
+        assert format_ok(wrong) and math_verifier(wrong, rec["answer"]) == 0.0
+
+
+def test_glance_rate_and_accuracy_by_level():
+    import random
+
+    from thinkvl.demo.teacher import GLANCE
+    from thinkvl.rewards.verifiers import math_verifier
+
+    teacher = ProgramTeacher(seed=1, glance_rate=0.5, glance_accuracy=0.9, glance_decay=0.1, plan_rate=0.0)
+    assert teacher.glance_right({"difficulty_level": 1}) == 0.9
+    assert teacher.glance_right({"difficulty_level": 6}) == pytest.approx(0.4)
+    for level, want in ((1, 0.9), (6, 0.4)):
+        glances = right = 0
+        for i in range(150):
+            rec = make_problem("count_color", i, random.Random(i), level=level)
+            for t in teacher.sample(rec, 4):
+                assert "Plan:" not in t  # plan_rate 0
+                if t.startswith(f"<think>\n{GLANCE}"):
+                    glances += 1
+                    right += math_verifier(t, rec["answer"]) == 1.0
+        assert 0.42 < glances / 600 < 0.58  # glance_rate 0.5 of the samples
+        assert abs(right / glances - want) < 0.08  # the teacher's glance accuracy at this level
+
+
+def test_behaviours_off_keep_the_old_traces():
+    import random
+
+    rec = make_problem("arith", 7, random.Random(7), level=5)
+    old = ProgramTeacher(seed=3, mistake_rate=0.3, explore_rate=0.3, check_rate=0.5)
+    new = ProgramTeacher(seed=3, mistake_rate=0.3, explore_rate=0.3, check_rate=0.5, plan_rate=1.0, glance_rate=0.0)
+    assert old.sample(rec, 6) == new.sample(rec, 6)

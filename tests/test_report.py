@@ -72,9 +72,9 @@ SUMMARIES = {
               "by_task": {"arith": {"n": 20, "greedy_pass1": 0.55}, "count": {"n": 12, "greedy_pass1": 0.5}}},
 }
 EXPECTED_ROWS = [
-    "| 01_sft_stage1 | 25.0% | 50.0% | 90.0% | 123.4 | 5.0% |",
-    "| 04_longcot_sft | 37.5% | 62.5% | 95.0% | 456.7 | 12.5% |",
-    "| 05_rl | 50.0% | 75.0% | 100.0% | 321.0 | 0.0% |",
+    "| 01_sft_stage1 | 25.0% | — | 50.0% | 90.0% | 123.4 | 5.0% |",
+    "| 04_longcot_sft | 37.5% | — | 62.5% | 95.0% | 456.7 | 12.5% |",
+    "| 05_rl | 50.0% | — | 75.0% | 100.0% | 321.0 | 0.0% |",
 ]
 
 
@@ -231,21 +231,26 @@ def test_pipeline_skips_a_broken_stage(pipeline: Path, caplog: pytest.LogCapture
 def test_stage_table_markdown() -> None:
     table = stage_table_markdown(list(SUMMARIES.items()))
     lines = table.splitlines()
-    assert lines[0] == "| stage | greedy acc | pass@8 | format | mean length | truncated |"
+    assert lines[0] == "| stage | greedy acc | avg@8 | pass@8 | format | mean length | truncated |"
     assert lines[2:] == EXPECTED_ROWS
     mixed = stage_table_markdown([("a", {"pass_at_k": 0.5, "k": 4}), ("b", {"pass_at_k": 0.25, "k": 16}), ("c", {})])
-    assert mixed.splitlines()[2:] == ["| a | — | 50.0% (k=4) | — | — | — |", "| b | — | 25.0% (k=16) | — | — | — |",
-                                      "| c | — | — | — | — | — |"]
+    assert mixed.splitlines()[2:] == ["| a | — | — | 50.0% (k=4) | — | — | — |",
+                                      "| b | — | — | 25.0% (k=16) | — | — | — |", "| c | — | — | — | — | — | — |"]
+    with_se = stage_table_markdown([("a", {"greedy_pass1": 0.5, "greedy_pass@1_se": 0.0323, "avg@n": 0.25,
+                                           "avg@n_se": 0.011, "n_samples": 8, "k": 8})]).splitlines()
+    assert with_se[0].startswith("| stage | greedy acc | avg@8 | pass@8 |")
+    assert with_se[2].startswith("| a | 50.0% ± 3.2 | 25.0% ± 1.1 | — |")
     assert "pass@k" in mixed.splitlines()[0]
     vision = stage_table_markdown([("a", {"image_reliance": 0.513}), ("b", {"image_reliance": None})]).splitlines()
     assert vision[0].endswith("| truncated | image reliance |")
-    assert vision[2:] == ["| a | — | — | — | — | — | 0.51 |", "| b | — | — | — | — | — | — |"]
+    assert vision[2:] == ["| a | — | — | — | — | — | — | 0.51 |", "| b | — | — | — | — | — | — | — |"]
     top = stage_table_markdown([("a", {"top_answer_share": 0.925, "image_reliance": 0.1})]).splitlines()
     assert top[0].endswith("| truncated | top answer | image reliance |")
-    assert top[2] == "| a | — | — | — | — | — | 92.5% | 0.10 |"
+    assert top[2] == "| a | — | — | — | — | — | — | 92.5% | 0.10 |"
     reads = stage_table_markdown([("a", {"top_answer_share": 0.5, "reading_colors": 0.875}), ("b", {})]).splitlines()
     assert reads[0].endswith("| truncated | top answer | reads colours |")
-    assert reads[2:] == ["| a | — | — | — | — | — | 50.0% | 87.5% |", "| b | — | — | — | — | — | — | — |"]
+    assert reads[2:] == ["| a | — | — | — | — | — | — | 50.0% | 87.5% |",
+                        "| b | — | — | — | — | — | — | — | — |"]
 
 
 def test_task_table_shows_the_majority_answer_once() -> None:
@@ -321,8 +326,8 @@ def test_write_report_default_machine_and_named_stages(pipeline: Path) -> None:
     text = write_report(pipeline, title="custom", stages=stages).read_text(encoding="utf-8")
     assert text.startswith("# custom\n")
     assert re.search(r"Machine: \d+ CPUs, .*torch .*transformers ", text)
-    assert "| SFT | 25.0% | 50.0% | 90.0% | 123.4 | 5.0% |" in text
-    assert "| RL | 50.0% | 75.0% | 100.0% | 321.0 | 0.0% |" in text
+    assert "| SFT | 25.0% | — | 50.0% | 90.0% | 123.4 | 5.0% |" in text
+    assert "| RL | 50.0% | — | 75.0% | 100.0% | 321.0 | 0.0% |" in text
     assert "04_longcot_sft" not in text
     assert "**Before (SFT)**" in text
 

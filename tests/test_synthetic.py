@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from thinkvl.data.synthetic import (
+from thinkvl.demo.tasks import (
     BACKGROUND,
     CELL,
     COLORS,
@@ -171,7 +171,11 @@ def test_splits_ids_and_roles(data: dict[str, Path]) -> None:
     for r in records["sft"]:
         roles = [m["role"] for m in r["messages"]]
         assert roles == ["user", "assistant"]
-        assert r["messages"][1]["content"] == short_response(r)
+        if r["task"] == "describe":  # always read out row by row (the row anchors make colours learnable)
+            assert r["messages"][1]["content"].startswith("Row 1: ")
+            assert r["messages"][1]["content"].endswith(short_response(r))
+        else:
+            assert r["messages"][1]["content"] == short_response(r)
         assert r["id"].startswith(r["task"] + "-")
         assert 1 <= r["difficulty_level"] <= MAX_LEVEL
 
@@ -340,15 +344,16 @@ def test_grounding_split_adds_describe_only_and_leaves_the_rest(tmp_path: Path, 
     ids = [r["id"] for s in out.values() for r in read_jsonl(s)]
     assert len(ids) == len(set(ids))
     for r in grounding:
-        assert r["messages"][1]["content"] == r["answer"] == ", ".join(
-            f"{o['color']} {o['shape']}" for o in r["meta"]["objects"])
+        objects = ", ".join(f"{o['color']} {o['shape']}" for o in r["meta"]["objects"])
+        assert r["answer"] == objects  # read out row by row, then listed
+        assert r["messages"][1]["content"].startswith("Row 1: ") and r["messages"][1]["content"].endswith(objects)
         assert (out["grounding"].parent / r["messages"][0]["content"][0]["image"]).is_file()
     with pytest.raises(ValueError, match="n_grounding"):
         synth(tmp_path / "bad", n_grounding=-1)
 
 
 def test_worked_answers_change_only_the_sft_answers(tmp_path: Path, data: dict[str, Path]) -> None:
-    from thinkvl.distill.program_teacher import worked_response
+    from thinkvl.demo.teacher import worked_response
 
     out = synth(tmp_path / "w", seed=0, n_sft=70, n_rl=60, n_eval=30, answers="worked")
     for split in ("rl", "eval"):
@@ -365,7 +370,7 @@ def test_worked_answers_change_only_the_sft_answers(tmp_path: Path, data: dict[s
 
 
 def test_reading_scores_by_hand() -> None:
-    from thinkvl.data.synthetic import read_rows, reading_scores
+    from thinkvl.demo.tasks import read_rows, reading_scores
 
     scene = {"task": "count_color", "meta": {"grid": [4, 4], "objects": [
         {"row": 0, "col": 1, "color": "red", "shape": "circle"},
@@ -391,8 +396,8 @@ def test_reading_scores_by_hand() -> None:
 
 
 def test_worked_answers_and_teacher_traces_read_right() -> None:
-    from thinkvl.data.synthetic import reading_scores
-    from thinkvl.distill.program_teacher import ProgramTeacher, worked_response
+    from thinkvl.demo.tasks import reading_scores
+    from thinkvl.demo.teacher import ProgramTeacher, worked_response
 
     teacher = ProgramTeacher(seed=3, mistake_rate=0.5, wrong_rate=0.0, explore_rate=0.5)
     rng = random.Random(0)

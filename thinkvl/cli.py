@@ -21,7 +21,7 @@ import sys
 
 from thinkvl.config import ConfigError
 from thinkvl.data.formats import DataError
-from thinkvl.data.synthetic import ANSWER_STYLES
+from thinkvl.demo.tasks import ANSWER_STYLES
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def _cmd_synth(a: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from thinkvl.data.synthetic import synth
+    from thinkvl.demo.tasks import synth
 
     paths = synth(Path(a.out), seed=a.seed, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval,
                   n_grounding=a.n_grounding, answers=a.answers)

@@ -51,9 +51,12 @@ class StageSpec:
 class EvalSpec:
     problems: str = "{data}/eval.jsonl"  # held-out problems
     limit: int = 200
-    k: int = 4  # samples for pass@k
+    k: int = 4  # samples per problem: avg@k (their mean correctness) and pass@k
+    temperature: float = 1.0  # of the samples; the rollout temperature is the usual choice
     max_new_tokens: int = 256
     verifier: str = "math"
+    require_format: bool = False  # a response without the think-then-answer format scores 0
+    tagger: str = ""  # module:function tagging each response (behaviour shares), e.g. the demo's
 
 
 @dataclass
@@ -137,7 +140,7 @@ def _stage_config(spec: StageSpec, ctx: Context, out: Path):
 def _run_stage(spec: StageSpec, cfg_obj, out: Path, seed: int) -> str | None:
     """Run one stage; returns the produced model folder, if any."""
     if spec.kind == "synth":
-        from thinkvl.data.synthetic import synth
+        from thinkvl.demo.tasks import synth
 
         synth(out, seed=seed, **spec.args)
         return None
@@ -162,7 +165,7 @@ def _run_stage(spec: StageSpec, cfg_obj, out: Path, seed: int) -> str | None:
 
 def evaluate_stage(model_dir: str, ctx: Context, out: Path) -> dict:
     from thinkvl.data.formats import read_records
-    from thinkvl.eval.evaluate import evaluate, write_eval
+    from thinkvl.eval.evaluate import evaluate, load_tagger, write_eval
     from thinkvl.models.load import load
 
     e = ctx.cfg.eval
@@ -170,7 +173,8 @@ def evaluate_stage(model_dir: str, ctx: Context, out: Path) -> dict:
     loaded = load(model_dir)
     loaded.model.eval()
     res = evaluate(loaded, problems, verifier=e.verifier, k=e.k, max_new_tokens=e.max_new_tokens,
-                   seed=ctx.cfg.seed)
+                   temperature=e.temperature, seed=ctx.cfg.seed, require_format=e.require_format,
+                   tagger=load_tagger(e.tagger))
     write_eval(res, out / "eval")
     return json.loads((out / "eval" / "summary.json").read_text())
 

@@ -40,7 +40,10 @@ class Teacher(Protocol):
 
 @dataclass
 class TeacherConfig:
-    kind: Literal["program", "local", "remote"] = "program"  # program: the synthetic tasks' trace writer
+    kind: Literal["program", "local", "remote"] = "program"  # program: a trace-writing program (below)
+    # program: `module:Class` of the trace writer; it is built with the *_rate / glance_* keys below
+    # (whichever its __init__ takes) and samples with `sample(record, n)`. Default: the demo's teacher.
+    program: str = "thinkvl.demo.teacher:ProgramTeacher"
     model: str = ""  # local: a model folder; remote: the served model's name
     base_url: str = ""  # remote: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "THINKVL_TEACHER_API_KEY"  # remote: env var holding the key
@@ -55,6 +58,10 @@ class TeacherConfig:
     wrong_rate: float = 0.15  # program: traces with an uncaught mistake (rejection sampling drops them)
     explore_rate: float = 0.4  # program: traces that also try a second way
     check_rate: float = 1.0  # program: traces that end by checking their result
+    plan_rate: float = 1.0  # program: traces with a plan line
+    glance_rate: float = 0.0  # program: traces that answer at a glance, with no working (a shortcut)
+    glance_accuracy: float = 1.0  # program: how often a glance is right on the easiest problems
+    glance_decay: float = 0.0  # program: ... and how much less often per difficulty level above
 
 
 @dataclass
@@ -73,7 +80,10 @@ class DistillConfig:
     k: int = 4  # samples per problem
     verifier: str = "math"  # accepts the final answer
     require_format: bool = True  # keep only <think>...</think> then an answer
-    selection: Literal["all", "shortest", "max_per_problem"] = "max_per_problem"
+    # all: every verified trace; shortest: the shortest one; max_per_problem: the shortest m;
+    # sampled: the first m in the order they were sampled (keeps the teacher's mix of behaviours:
+    # shortest-first would always prefer a shortcut that happened to be right)
+    selection: Literal["all", "shortest", "max_per_problem", "sampled"] = "max_per_problem"
     max_per_problem: int = 2
     min_chars: int = 20
     max_chars: int = 8000
@@ -89,7 +99,7 @@ class DistillConfig:
             raise ConfigError("k: must be >= 1")
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
             raise ConfigError(f"tasks: must be a list of task names, got {self.tasks!r}")
-        for name in (f.name for f in fields(TeacherConfig) if f.name.endswith("_rate")):
+        for name in (f.name for f in fields(TeacherConfig) if f.name.endswith(("_rate", "_accuracy", "_decay"))):
             rate = getattr(self.teacher, name)
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"teacher.{name}: must be in [0, 1], got {rate}")
@@ -98,11 +108,18 @@ class DistillConfig:
 def make_teacher(cfg: DistillConfig) -> Teacher:
     t = cfg.teacher
     if t.kind == "program":
-        from thinkvl.distill.program_teacher import ProgramTeacher
+        import importlib
+        import inspect
 
-        pt = ProgramTeacher(seed=cfg.seed, mistake_rate=t.mistake_rate, wrong_rate=t.wrong_rate,
-                            explore_rate=t.explore_rate, check_rate=t.check_rate)
-        return _PerRecord(pt)
+        module, _, name = t.program.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"teacher.program: cannot import {t.program!r} (want 'module:Class'): {e}") from e
+        takes = inspect.signature(cls).parameters
+        knobs = {f.name: getattr(t, f.name) for f in fields(TeacherConfig)
+                 if f.name.endswith(("_rate", "_accuracy", "_decay")) and f.name in takes}
+        return _PerRecord(cls(seed=cfg.seed, **knobs))
     if t.kind == "remote":
         import os
 
@@ -194,14 +211,15 @@ def select(candidates: list[tuple[str, str]], cfg: DistillConfig) -> tuple[list[
             ok.append(resp)
     kept: list[str] = []
     grams: list[set] = []
-    for resp in sorted(ok, key=len) if cfg.selection != "all" else ok:
+    for resp in sorted(ok, key=len) if cfg.selection not in ("all", "sampled") else ok:
         g = _ngrams(resp)
         if any(_jaccard(g, h) > cfg.dedup_jaccard for h in grams):
             reasons["near_duplicate"] += 1
             continue
         kept.append(resp)
         grams.append(g)
-    limit = {"all": len(kept), "shortest": 1, "max_per_problem": cfg.max_per_problem}[cfg.selection]
+    limit = {"all": len(kept), "shortest": 1, "max_per_problem": cfg.max_per_problem,
+             "sampled": cfg.max_per_problem}[cfg.selection]
     if len(kept) > limit:
         reasons["over_selection_limit"] += len(kept) - limit
     return kept[:limit], reasons

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from thinkvl.data.synthetic import reading_scores
 from thinkvl.models.load import Loaded
 from thinkvl.rollout.engine import GenerationEngine, SamplingParams
 from thinkvl.rollout.types import Rollout
@@ -117,10 +116,9 @@ class ProblemResult:
     sample_scores: list[float] = field(default_factory=list)  # [n]
     sample_lengths: list[int] = field(default_factory=list)  # [n]
     sample_truncated: list[bool] = field(default_factory=list)  # [n]
-    # synthetic scenes only (thinkvl.data.synthetic.reading_scores): the greedy response read every
-    # row out exactly right / with the right colours (digits count as colours); None otherwise
-    reading: bool | None = None
-    reading_colors: bool | None = None
+    # the tagger's named yes/no tags (None: does not apply) of the greedy response and of each sample
+    tags: dict[str, bool | None] = field(default_factory=dict)
+    sample_tags: list[dict[str, bool | None]] = field(default_factory=list)  # [n]
 
     @property
     def n_correct(self) -> int:
@@ -139,21 +137,52 @@ def _top_share_by_task(values: Sequence[tuple[str, str]]) -> float | None:
     return sum(c.most_common(1)[0][1] for c in by_task.values()) / len(values) if values else None
 
 
+def _se_binomial(p: float | None, n: int) -> float | None:
+    """Standard error of a share ``p`` of ``n`` independent trials: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n) if p is not None and n else None
+
+
+def _se_mean(xs: Sequence[float]) -> float | None:
+    """Standard error of the mean of per-problem values: sample std / sqrt(n) (n >= 2)."""
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) >= 2 else None
+
+
+def tag_shares(tag_dicts: Sequence[dict[str, bool | None]]) -> dict[str, float]:
+    """For each tag name, the share of responses (where it applies) that have it."""
+    names = sorted({name for d in tag_dicts for name in d})
+    out = {}
+    for name in names:
+        vals = [d[name] for d in tag_dicts if d.get(name) is not None]
+        if vals:
+            out[name] = sum(map(bool, vals)) / len(vals)
+    return out
+
+
 def summarize(results: Sequence[ProblemResult], k: int) -> dict:
     """Metrics of a group of problems (means over problems; None when a pass was not run).
+
+    ``avg@n`` (also ``sampled_pass@1``) is the mean correctness of the n samples per problem at the
+    sampling temperature, DeepSeek-R1's pass@1; ``*_se`` are standard errors over problems
+    (binomial for greedy accuracy, the per-problem means' std / sqrt(n) for avg@n). ``tags`` /
+    ``sample_tags``: the share of greedy responses / samples with each tagger tag.
 
     Two guards against reading an answer prior as skill: ``majority_answer`` is the accuracy of
     answering every problem of a task with that task's most common reference answer (a model that
     ignores the question scores up to this), and ``top_answer_share`` is the share of greedy answers
     equal to the most common greedy answer of their task (near 1: the model answers a constant)."""
     greedy = [r for r in results if r.score is not None]
-    read = [r for r in greedy if r.reading is not None]
     sampled = [r for r in results if r.sample_scores]
     lengths = [r.length for r in greedy] or [n for r in sampled for n in r.sample_lengths]
+    greedy_acc = _mean([float(r.score >= CORRECT_THRESHOLD) for r in greedy])
+    per_problem = [r.n_correct / len(r.sample_scores) for r in sampled]
+    tags = tag_shares([r.tags for r in greedy])
     return {
         "n": len(results),
-        "greedy_pass@1": _mean([float(r.score >= CORRECT_THRESHOLD) for r in greedy]),
-        "sampled_pass@1": _mean([r.n_correct / len(r.sample_scores) for r in sampled]),
+        "greedy_pass@1": greedy_acc,
+        "greedy_pass@1_se": _se_binomial(greedy_acc, len(greedy)),
+        "sampled_pass@1": _mean(per_problem),
+        "avg@n": _mean(per_problem),
+        "avg@n_se": _se_mean(per_problem),
         "pass@k": _mean([pass_at_k(len(r.sample_scores), r.n_correct, k) for r in sampled]) if k else None,
         "mean_length": _mean(lengths),
         "median_length": statistics.median(lengths) if lengths else None,
@@ -163,8 +192,11 @@ def summarize(results: Sequence[ProblemResult], k: int) -> dict:
         "sampled_truncated": _mean([float(t) for r in sampled for t in r.sample_truncated]),
         "majority_answer": _top_share_by_task([(r.task, r.answer) for r in results]),
         "top_answer_share": _top_share_by_task([(r.task, str(r.extracted_answer)) for r in greedy]),
-        "reading": _mean([float(r.reading) for r in read]),
-        "reading_colors": _mean([float(r.reading_colors) for r in read]),
+        "tags": tags,
+        "sample_tags": tag_shares([t for r in sampled for t in r.sample_tags]),
+        # kept under their old names for the report: scene responses that read every row right
+        "reading": tags.get("reads_exact"),
+        "reading_colors": tags.get("reads_colours"),
     }
 
 
@@ -241,6 +273,7 @@ def evaluate(
     n_samples: int | None = None,
     engine: GenerationEngine | None = None,
     check_images: bool = True,
+    tagger: Callable[[dict, str], dict[str, bool | None]] | None = None,
 ) -> EvalResult:
     """Evaluate `loaded` on problem records (`messages`, `answer`, optional `id`/`task`/`difficulty`).
 
@@ -248,6 +281,8 @@ def evaluate(
     k: pass@k's k; n_samples (default k) responses are sampled per problem at `temperature`
     (k = 0 skips sampling). engine: defaults to an `HFEngine(loaded, batch_size)`, which bans image
     placeholder tokens. check_images: with greedy, also measure `image_reliance` (overall).
+    tagger: `(problem, response) -> {name: bool or None}` (e.g. the demo's behaviours); every
+    response is tagged and the shares are in the summaries' `tags` / `sample_tags`.
     """
     n = k if n_samples is None else n_samples
     if k < 0 or n < k:
@@ -272,12 +307,13 @@ def evaluate(
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=True, seed=seed)
         for p, res, (r,) in zip(problems, results, _generate_all(engine, prompts, 1, sampling, "greedy")):
             res.score, res.format_ok = _score(scorer, r, res.answer, require_format)
-            res.reading, res.reading_colors = reading_scores(p, r.response_text) or (None, None)
+            res.tags = tagger(p, r.response_text) if tagger else {}
             res.greedy_response, res.extracted_answer = r.response_text, scorer.extract_answer(r.response_text)
             res.length, res.truncated = r.length, r.truncated
     if n > 0:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        for res, group in zip(results, _generate_all(engine, prompts, n, sampling, "samples")):
+        for p, res, group in zip(problems, results, _generate_all(engine, prompts, n, sampling, "samples")):
+            res.sample_tags = [tagger(p, r.response_text) for r in group] if tagger else []
             res.sample_scores = [_score(scorer, r, res.answer, require_format)[0] for r in group]
             res.sample_lengths = [r.length for r in group]
             res.sample_truncated = [r.truncated for r in group]
@@ -400,28 +436,34 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 
 
 def format_table(result: EvalResult) -> str:
-    """A plain-text table: overall, then each breakdown's groups."""
-    k = result.settings["k"]
-    head = f"{'group':<24}{'n':>6}{'greedy@1':>10}{'pass@1':>9}{f'pass@{k}':>9}{'len':>8}{'format':>8}{'trunc':>7}"
+    """A plain-text table: overall, then each breakdown's groups (accuracies in %, +- one standard
+    error), then the tag shares."""
+    k, n = result.settings["k"], result.settings["n_samples"]
+    head = (f"{'group':<24}{'n':>6}{'greedy@1':>14}{f'avg@{n}':>14}{f'pass@{k}':>9}{'len':>8}{'format':>8}"
+            f"{'trunc':>7}")
     lines = [head, "-" * len(head)]
 
+    def pm(x: float | None, se: float | None) -> str:
+        return _fmt(x) + (f"+-{100 * se:.1f}" if se is not None else "")
+
     def row(name: str, s: dict) -> str:
-        return (f"{name[:23]:<24}{s['n']:>6}{_fmt(s['greedy_pass@1']):>10}{_fmt(s['sampled_pass@1']):>9}"
-                f"{_fmt(s['pass@k']):>9}{_fmt(s['mean_length'], pct=False):>8}{_fmt(s['format_ok']):>8}"
-                f"{_fmt(s['truncated']):>7}")
+        return (f"{name[:23]:<24}{s['n']:>6}{pm(s['greedy_pass@1'], s['greedy_pass@1_se']):>14}"
+                f"{pm(s['avg@n'], s['avg@n_se']):>14}{_fmt(s['pass@k']):>9}{_fmt(s['mean_length'], pct=False):>8}"
+                f"{_fmt(s['format_ok']):>8}{_fmt(s['truncated']):>7}")
 
     lines.append(row("all", result.overall))
     if result.overall.get("image_reliance") is not None:
         lines.append(f"image reliance: {result.overall['image_reliance']:.3f} nats/token (log-prob of the greedy "
                      "responses with their own image minus with another problem's; ~0 = the image is ignored)")
-    if result.overall.get("reading") is not None:
-        o = result.overall
-        lines.append(f"reading: {_fmt(o['reading_colors'])}% of greedy responses to scene problems read every "
-                     f"row's colours (digits) out right, {_fmt(o['reading'])}% every object exactly")
     for title, groups in (("task", result.by_task), ("difficulty", result.by_difficulty),
                           ("modality", result.by_modality)):
         if len(groups) > 1:
             lines.extend(row(f"{title}: {name}", s) for name, s in groups.items())
+    o = result.overall
+    if o.get("tags") or o.get("sample_tags"):
+        names = sorted(set(o.get("tags", {})) | set(o.get("sample_tags", {})))
+        lines.append("tags (share of greedy responses | of samples): " + ", ".join(
+            f"{name} {_fmt(o['tags'].get(name))} | {_fmt(o['sample_tags'].get(name))}" for name in names))
     return "\n".join(lines)
 
 
@@ -440,7 +482,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--require-format", action="store_true", help="a response with a bad format scores 0")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--tagger", default=None,
+                   help="module:function (problem, response) -> {tag: bool}; shares of each tag are reported "
+                        "(the demo's: thinkvl.demo.behaviours:tag_response)")
     return p
+
+
+def load_tagger(spec: str | None) -> Callable[[dict, str], dict] | None:
+    """The function named by ``module:function`` (None for None / empty)."""
+    if not spec:
+        return None
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"tagger: cannot import {spec!r} (want 'module:function'): {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(
         load(a.model), problems, verifier=a.verifier, k=a.k, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, greedy=not a.no_greedy, batch_size=a.batch_size, seed=a.seed,
-        require_format=a.require_format, n_samples=a.n_samples,
+        require_format=a.require_format, n_samples=a.n_samples, tagger=load_tagger(a.tagger),
     )
     print(format_table(result))
     if a.out:

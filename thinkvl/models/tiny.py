@@ -51,7 +51,7 @@ CHAT_TEMPLATE = (
 
 def default_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the synthetic tasks' prompts, answers and traces."""
-    from thinkvl.data.synthetic import vocabulary_corpus
+    from thinkvl.demo.tasks import vocabulary_corpus
 
     return vocabulary_corpus(seed=0)
 

@@ -184,6 +184,7 @@ def flatten_eval_summary(data: dict[str, Any]) -> dict[str, Any]:
     """An evaluator summary ({settings, overall, by_task, ...}) in the report's flat form."""
     out = _rename(data["overall"])
     out["k"] = (data.get("settings") or {}).get("k")
+    out["n_samples"] = (data.get("settings") or {}).get("n_samples")
     out["by_task"] = {t: _rename(g) for t, g in (data.get("by_task") or {}).items()}
     return out
 

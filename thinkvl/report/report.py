@@ -54,6 +54,24 @@ def _pct(v: Any) -> str:
     return MISSING if x is None else f"{100 * x:.1f}%"
 
 
+def _pm(v: Any, se: Any) -> str:
+    """``41.2% ± 3.1`` (the standard error in points), or just the percentage without one."""
+    x, e = _num(v), _num(se)
+    return _pct(v) if x is None or e is None else f"{_pct(v)} ± {100 * e:.1f}"
+
+
+def behaviour_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
+    """Share of sampled responses with each tag (a tagger's behaviours), stages as columns; "" if none."""
+    names = sorted({t for _, s in rows for t in (s.get("sample_tags") or {})})
+    if not names:
+        return ""
+    lines = ["| behaviour (share of samples) | " + " | ".join(n for n, _ in rows) + " |",
+             "|---|" + "---:|" * len(rows)]
+    for t in names:
+        lines.append(f"| {t} | " + " | ".join(_pct((s.get("sample_tags") or {}).get(t)) for _, s in rows) + " |")
+    return "\n".join(lines)
+
+
 def _length(v: Any) -> str:
     x = _num(v)
     return MISSING if x is None else f"{x:.1f}"
@@ -136,15 +154,19 @@ def stage_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
     vision = any(_num(s.get("image_reliance")) is not None for _, s in rows)
     top = any(_num(s.get("top_answer_share")) is not None for _, s in rows)
     reads = any(_num(s.get("reading_colors")) is not None for _, s in rows)
-    lines = [f"| stage | greedy acc | {header} | format | mean length | truncated |" + (" top answer |" if top else "")
-             + (" reads colours |" if reads else "") + (" image reliance |" if vision else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|" if top else "") + ("---:|" if reads else "")
+    ns = {int(n) for _, s in rows if (n := _num(s.get("n_samples", s.get("k")))) is not None}
+    avg_header = f"avg@{ns.pop()}" if len(ns) == 1 else "avg@n"
+    lines = [f"| stage | greedy acc | {avg_header} | {header} | format | mean length | truncated |"
+             + (" top answer |" if top else "") + (" reads colours |" if reads else "")
+             + (" image reliance |" if vision else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if top else "") + ("---:|" if reads else "")
              + ("---:|" if vision else "")]
     for name, s in rows:
         pass_k = _pct(s.get("pass_at_k"))
         if not same_k and _num(s.get("k")) is not None and pass_k != MISSING:
             pass_k += f" (k={int(s['k'])})"
-        line = (f"| {name} | {_pct(s.get('greedy_pass1'))} | {pass_k} | {_pct(s.get('format_rate'))} "
+        line = (f"| {name} | {_pm(s.get('greedy_pass1'), s.get('greedy_pass@1_se'))} "
+                f"| {_pm(s.get('avg@n'), s.get('avg@n_se'))} | {pass_k} | {_pct(s.get('format_rate'))} "
                 f"| {_length(s.get('mean_length'))} | {_pct(s.get('truncated_frac'))} |")
         if top:
             line += f" {_pct(s.get('top_answer_share'))} |"
@@ -186,7 +208,8 @@ def _results_section(rows: Sequence[tuple[str, Summary]]) -> str:
     if not rows:
         return "## Held-out evaluation\n\n_No stage has an eval/summary.json._"
     parts = ["## Held-out evaluation", "", stage_table_markdown(rows), "",
-             "greedy acc: greedy pass@1; pass@k: at least one of k samples correct; format: responses in "
+             "greedy acc: greedy pass@1 ± its standard error; avg@n: mean correctness of n samples per problem at the "
+             "sampling temperature (pass@1 as DeepSeek-R1 reports it) ± its standard error; pass@k: at least one of k samples correct; format: responses in "
              "the expected think-then-answer format; mean length: mean response length in tokens; truncated: responses "
              "that hit the generation limit; image reliance (nats/token): log-prob of the greedy responses to image "
              "problems with their own image minus with another problem's image, about 0 when the model ignores images; "
@@ -200,6 +223,12 @@ def _results_section(rows: Sequence[tuple[str, Summary]]) -> str:
     tasks = task_table_markdown(rows)
     if tasks:
         parts += ["", "### Greedy accuracy by task", "", tasks]
+    behaviours = behaviour_table_markdown(rows)
+    if behaviours:
+        parts += ["", "### Behaviours", "", behaviours, "",
+                  "Share of the sampled responses (avg@n's samples) with each tag of the run's tagger; for the demo: "
+                  "glance = answers at a glance with no working, works = works the problem out, checks / repairs / "
+                  "explores = a final check, a caught and repaired slip, a second way (thinkvl/demo/behaviours.py)."]
     return "\n".join(parts)
 
 

@@ -34,7 +34,7 @@ from thinkvl.config import ConfigError
 from thinkvl.data.chat import Example
 from thinkvl.data.formats import read_records
 from thinkvl.data.packing import bfd_pack, collate_rows
-from thinkvl.eval.evaluate import greedy_metrics
+from thinkvl.eval.evaluate import greedy_metrics, load_tagger, tag_shares
 from thinkvl.models.attention import uses_varlen
 from thinkvl.models.forward import token_logprobs
 from thinkvl.models.load import Loaded, load
@@ -140,6 +140,9 @@ class RLConfig:
     seed: int = 0
     eval_every: int = 0  # iterations between held-out evaluations (0: at the end only)
     eval_max_new_tokens: int = 256
+    # module:function (problem, response) -> {tag: bool or None}; each iteration logs the share of
+    # rollouts with each tag as `tags/<name>` (e.g. the demo's behaviours, to watch what RL chooses)
+    rollout_tagger: str = ""
     save_every: int = 0  # iterations between checkpoints (0: at the end only)
     resume: bool = True
     logging_backend: str = "none"
@@ -386,6 +389,7 @@ def train(cfg: RLConfig) -> RunDir:
     model = loaded.model.to(d.device)
     model.train()
     verifier = get_verifier(cfg.verifier)
+    tagger = load_tagger(cfg.rollout_tagger)
     problems = read_records(cfg.data.problems, "problem", cfg.data.on_error, cfg.data.columns, cfg.data.limit)
     eval_problems = (read_records(cfg.data.eval_problems, "problem", limit=cfg.data.eval_limit)
                      if cfg.data.eval_problems else [])
@@ -467,6 +471,9 @@ def train(cfg: RLConfig) -> RunDir:
             all_idx, all_rates = _gather_lists(mine, rates, d)
             sampler.update(all_idx, all_rates)
         m = rollout_metrics(flat, k)
+        if tagger is not None:
+            tag_dicts = [tagger(problems[i], r.response_text) for i, g in zip(mine, rollouts) for r in g]
+            m.update({f"tags/{name}": share for name, share in tag_shares(tag_dicts).items()})
         n_tok = sum(r.length for r in flat)
         metrics = {"step": it + 1, **m, **upd, "lr": cfg.loss.lr,
                    "length_weight": length_weight(it, cfg.length_penalty.weight, cfg.length_penalty.warmup_iters),

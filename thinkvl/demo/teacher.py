@@ -44,11 +44,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from thinkvl.data.synthetic import (
+from thinkvl.demo.tasks import (
     SHAPES,
     count_phrase,
     expression_text,
     reduce_steps,
+    short_response,
     word_change,
 )
 
@@ -72,9 +73,12 @@ class ProgramTeacher:
     """
 
     def __init__(self, seed: int = 0, mistake_rate: float = 0.2, wrong_rate: float = 0.0,
-                 explore_rate: float = 0.3, check_rate: float = 1.0) -> None:
+                 explore_rate: float = 0.3, check_rate: float = 1.0, plan_rate: float = 1.0,
+                 glance_rate: float = 0.0, glance_accuracy: float = 1.0, glance_decay: float = 0.0) -> None:
         for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
-                           ("explore_rate", explore_rate), ("check_rate", check_rate)):
+                           ("explore_rate", explore_rate), ("check_rate", check_rate),
+                           ("plan_rate", plan_rate), ("glance_rate", glance_rate),
+                           ("glance_accuracy", glance_accuracy), ("glance_decay", glance_decay)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
         self.seed = seed
@@ -82,6 +86,16 @@ class ProgramTeacher:
         self.wrong_rate = wrong_rate
         self.explore_rate = explore_rate
         self.check_rate = check_rate
+        self.plan_rate = plan_rate
+        self.glance_rate = glance_rate
+        self.glance_accuracy = glance_accuracy
+        self.glance_decay = glance_decay
+
+    def glance_right(self, record: dict[str, Any]) -> float:
+        """Probability that the teacher's glance at ``record`` is right: ``glance_accuracy`` at level
+        1, ``glance_decay`` less per level above it (floor 0.05): shortcuts work on easy problems."""
+        level = int(record.get("difficulty_level") or 1)
+        return max(0.05, self.glance_accuracy - self.glance_decay * (level - 1))
 
     def sample(self, record: dict[str, Any], n: int) -> list[str]:
         """``n`` independent traces for one problem record (simple problems may repeat one)."""
@@ -93,17 +107,44 @@ class ProgramTeacher:
             wrong = rng.random() < self.wrong_rate
             explore = rng.random() < self.explore_rate
             check = rng.random() < self.check_rate
-            out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check))
+            # draw only for behaviours that are on, so traces with them off stay as they were
+            plan = self.plan_rate == 1.0 or rng.random() < self.plan_rate
+            if self.glance_rate and record["task"] != "describe" and rng.random() < self.glance_rate:
+                out.append(glance_trace(record, rng, right=rng.random() < self.glance_right(record)))
+                continue
+            out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check, plan=plan))
         return out
 
 
+GLANCE = "Quick answer:"
+"""How a shortcut trace starts (the whole thought is this one line)."""
+
+
+def glance_trace(record: dict[str, Any], rng: random.Random, *, right: bool) -> str:
+    """A shortcut: the answer stated at a glance, with no working, e.g.::
+
+        <think>
+        Quick answer: There are 2 red shapes.
+        </think>
+        The answer is \\boxed{2}.
+
+    The sentence is the instruct model's own direct answer (``short_response``), so the shortcut is
+    the skill joint SFT taught. ``right=False``: a nearby wrong value (rejection sampling drops it).
+    A big teacher's glance is often right; the tiny student's is right only as often as its direct
+    answers are, so the shortcut is the unreliable behaviour RL can learn to avoid on hard problems.
+    """
+    answer = record["answer"] if right else str(_slip(rng, int(record["answer"])))
+    sentence = short_response(dict(record, answer=answer)).split(" The answer is ")[0]
+    return f"<think>\n{GLANCE} {sentence}\n</think>\nThe answer is \\boxed{{{answer}}}."
+
+
 def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
-          wrong: bool = False, explore: bool = False, check: bool = True) -> str:
+          wrong: bool = False, explore: bool = False, check: bool = True, plan: bool = True) -> str:
     """One trace for ``record`` (uses ``record["task"]`` and ``record["meta"]``).
 
     ``mistake``: a caught and repaired mistake (answer stays right). ``wrong``: an uncaught
     misreading (answer is wrong). ``explore``: an alternative derivation at the end. ``check``:
-    the result checked after the conclusion.
+    the result checked after the conclusion. ``plan``: a ``Plan:`` line after the reading.
     """
     task = record["task"]
     if task not in _BUILDERS:
@@ -113,6 +154,8 @@ def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
     if wrong:
         meta = _misread_until_wrong(misread, meta, rng, record["answer"], build, task)
     lines, answer = build(task, meta, _Style(rng, mistake, explore, check))
+    if not plan:
+        lines = [line for line in lines if not line.startswith("Plan:")]
     final = answer if task == "describe" else f"The answer is \\boxed{{{answer}}}."
     return "<think>\n" + "\n".join(lines) + "\n</think>\n" + final
 
