@@ -1,7 +1,8 @@
 """RemoteTeacher against a real local OpenAI-compatible server (thinkvl.distill.openai_server).
 
-No mocks: every test starts a ThreadingHTTPServer on 127.0.0.1 and talks HTTP to it; faults
-(500s, 400s, slow replies) are injected server-side through ServerFaults.
+No mocks: every test starts a ThreadingHTTPServer on 127.0.0.1 and talks HTTP to it through the
+openai client; faults (500s, 400s, slow replies, bodies cut off or garbled, a port nobody listens
+on) are injected server-side through ServerFaults and counted there.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import openai
 import pytest
 from PIL import Image
 
@@ -69,9 +71,12 @@ def start_server():
         stop(server, thread)
 
 
+# Error answers ask for a 10 ms wait (openai honours retry-after-ms), so status retries are fast;
+# timeouts and dropped connections carry no header and wait openai's own 0.5 s, 1 s, ...
+FAST_RETRY_MS = 10
+
+
 def _teacher(url: str, **kwargs: Any) -> RemoteTeacher:
-    """A client tuned for fast tests: short back-off."""
-    kwargs.setdefault("backoff_s", 0.01)
     kwargs.setdefault("timeout_s", 5.0)
     return RemoteTeacher(url, "thinkvl-tiny", **kwargs)
 
@@ -137,7 +142,8 @@ def test_concurrency_limit_is_used_and_respected(start_server) -> None:
 
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_transient_status_is_retried(start_server, status: int) -> None:
-    faults, url = start_server(faults=ServerFaults(fail_first=2, fail_status=status))
+    faults, url = start_server(faults=ServerFaults(fail_first=2, fail_status=status,
+                                                   retry_after_ms=FAST_RETRY_MS))
     teacher = _teacher(url)
     assert teacher.sample(_text_records(1)[0], n=1) == ["echo[what is 0+0?] images=[] t=1.0 mt=1024"]
     assert faults.requests == 3
@@ -150,16 +156,18 @@ def test_client_error_is_not_retried(start_server) -> None:
     with pytest.raises(TeacherError) as info:
         teacher.sample(_text_records(1)[0], n=1)
     message = str(info.value)
-    assert "HTTP 400" in message and f"{url}/chat/completions" in message
+    assert "HTTP 400" in message and f"{url}/chat/completions" in message and "'thinkvl-tiny'" in message
     assert "injected failure" in message  # the server's own message is relayed
+    assert isinstance(info.value.__cause__, openai.BadRequestError)  # openai's typed error is kept
     assert faults.requests == 1 and teacher.stats.retries == 0 and teacher.stats.failures == 1
 
 
 def test_timeout_retried_then_raises(start_server) -> None:
     faults, url = start_server(faults=ServerFaults(sleep_s=0.6))
     teacher = _teacher(url, timeout_s=0.3, max_retries=1)
-    with pytest.raises(TeacherError, match="gave up after 2 attempts.*timed out"):
+    with pytest.raises(TeacherError, match="gave up after 2 attempts.*timed out") as info:
         teacher.sample(_text_records(1)[0], n=1)
+    assert isinstance(info.value.__cause__, openai.APITimeoutError)
     assert faults.requests == 2 and teacher.stats.retries == 1 and teacher.stats.failures == 1
 
 
@@ -178,9 +186,10 @@ def test_connection_refused_is_retried(start_server) -> None:
     server, thread, url = serve(echo_generate)
     stop(server, thread)  # nothing listens on that port any more
     teacher = _teacher(url, max_retries=2)
-    with pytest.raises(TeacherError, match="gave up after 3 attempts"):
+    with pytest.raises(TeacherError, match="gave up after 3 attempts; last error: connection failed") as info:
         teacher.sample(_text_records(1)[0], n=1)
-    assert teacher.stats.retries == 2
+    assert isinstance(info.value.__cause__, openai.APIConnectionError)
+    assert teacher.stats.retries == 2 and teacher.stats.requests == 3
 
 
 def test_api_key_from_env_sent_as_bearer(start_server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,6 +199,12 @@ def test_api_key_from_env_sent_as_bearer(start_server, monkeypatch: pytest.Monke
     with pytest.raises(TeacherError, match="HTTP 401"):
         _teacher(url, api_key="wrong").sample(_text_records(1)[0], n=1)
     assert faults.requests == 2  # the 401 was not retried
+    # openai's own $OPENAI_API_KEY is never sent: a key for one provider must not reach another.
+    monkeypatch.delenv("THINKVL_TEACHER_API_KEY")
+    monkeypatch.setenv("OPENAI_API_KEY", "s3cret")
+    with pytest.raises(TeacherError, match="HTTP 401"):
+        _teacher(url).sample(_text_records(1)[0], n=1)
+    assert faults.requests == 3
 
 
 def test_cache_means_no_second_payment(start_server, tmp_path: Path) -> None:
@@ -279,3 +294,4 @@ def test_cache_keeps_complete_last_line_without_newline(tmp_path: Path) -> None:
     teacher = RemoteTeacher("http://127.0.0.1:9/v1", "m", cache_path=cache)
     assert set(teacher.cache.entries) == {"a", "b", "c"} and teacher.stats.cache_bad_lines == 1
     assert cache.read_text().endswith(good[2] + "\n")  # newline restored, so appends stay line-wise
+
