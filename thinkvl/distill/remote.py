@@ -188,7 +188,7 @@ def _retries_taken(err: openai.APIError) -> int:
     return int(err.request.headers.get("x-stainless-retry-count", 0))
 
 
-def _count(value: Any) -> int:
+def _token_count(value: Any) -> int:
     """A token count from ``usage``; anything but a non-negative int counts 0 (the sample stays)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
@@ -512,8 +512,8 @@ class RemoteTeacher:
         self.cache.put(_entry_from_completion(req, completion, self.model))
         usage = completion.usage or {}
         with self._stats_lock:
-            self.stats.prompt_tokens += _count(usage.get("prompt_tokens"))
-            self.stats.completion_tokens += _count(usage.get("completion_tokens"))
+            self.stats.prompt_tokens += _token_count(usage.get("prompt_tokens"))
+            self.stats.completion_tokens += _token_count(usage.get("completion_tokens"))
         return completion
 
     def _count_requests(self, retries: int) -> None:
