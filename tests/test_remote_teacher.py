@@ -1,7 +1,8 @@
 """RemoteTeacher against a real local OpenAI-compatible server (thinkvl.distill.openai_server).
 
-No mocks: every test starts a ThreadingHTTPServer on 127.0.0.1 and talks HTTP to it; faults
-(500s, 400s, slow replies) are injected server-side through ServerFaults.
+No mocks: every test starts a ThreadingHTTPServer on 127.0.0.1 and talks HTTP to it through the
+openai client; faults (500s, 400s, slow replies, bodies cut off or garbled, a port nobody listens
+on) are injected server-side through ServerFaults and counted there.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import base64
 import http.client
 import itertools
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
+import openai
 import pytest
 from PIL import Image
 
@@ -69,9 +74,12 @@ def start_server():
         stop(server, thread)
 
 
+# Error answers ask for a 10 ms wait (openai honours retry-after-ms), so status retries are fast;
+# timeouts and dropped connections carry no header and wait openai's own 0.5 s, 1 s, ...
+FAST_RETRY_MS = 10
+
+
 def _teacher(url: str, **kwargs: Any) -> RemoteTeacher:
-    """A client tuned for fast tests: short back-off."""
-    kwargs.setdefault("backoff_s", 0.01)
     kwargs.setdefault("timeout_s", 5.0)
     return RemoteTeacher(url, "thinkvl-tiny", **kwargs)
 
@@ -137,7 +145,8 @@ def test_concurrency_limit_is_used_and_respected(start_server) -> None:
 
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_transient_status_is_retried(start_server, status: int) -> None:
-    faults, url = start_server(faults=ServerFaults(fail_first=2, fail_status=status))
+    faults, url = start_server(faults=ServerFaults(fail_first=2, fail_status=status,
+                                                   retry_after_ms=FAST_RETRY_MS))
     teacher = _teacher(url)
     assert teacher.sample(_text_records(1)[0], n=1) == ["echo[what is 0+0?] images=[] t=1.0 mt=1024"]
     assert faults.requests == 3
@@ -150,16 +159,18 @@ def test_client_error_is_not_retried(start_server) -> None:
     with pytest.raises(TeacherError) as info:
         teacher.sample(_text_records(1)[0], n=1)
     message = str(info.value)
-    assert "HTTP 400" in message and f"{url}/chat/completions" in message
+    assert "HTTP 400" in message and f"{url}/chat/completions" in message and "'thinkvl-tiny'" in message
     assert "injected failure" in message  # the server's own message is relayed
+    assert isinstance(info.value.__cause__, openai.BadRequestError)  # openai's typed error is kept
     assert faults.requests == 1 and teacher.stats.retries == 0 and teacher.stats.failures == 1
 
 
 def test_timeout_retried_then_raises(start_server) -> None:
     faults, url = start_server(faults=ServerFaults(sleep_s=0.6))
     teacher = _teacher(url, timeout_s=0.3, max_retries=1)
-    with pytest.raises(TeacherError, match="gave up after 2 attempts.*timed out"):
+    with pytest.raises(TeacherError, match="gave up after 2 attempts.*timed out") as info:
         teacher.sample(_text_records(1)[0], n=1)
+    assert isinstance(info.value.__cause__, openai.APITimeoutError)
     assert faults.requests == 2 and teacher.stats.retries == 1 and teacher.stats.failures == 1
 
 
@@ -178,9 +189,10 @@ def test_connection_refused_is_retried(start_server) -> None:
     server, thread, url = serve(echo_generate)
     stop(server, thread)  # nothing listens on that port any more
     teacher = _teacher(url, max_retries=2)
-    with pytest.raises(TeacherError, match="gave up after 3 attempts"):
+    with pytest.raises(TeacherError, match="gave up after 3 attempts; last error: connection failed") as info:
         teacher.sample(_text_records(1)[0], n=1)
-    assert teacher.stats.retries == 2
+    assert isinstance(info.value.__cause__, openai.APIConnectionError)
+    assert teacher.stats.retries == 2 and teacher.stats.requests == 3
 
 
 def test_api_key_from_env_sent_as_bearer(start_server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,6 +202,12 @@ def test_api_key_from_env_sent_as_bearer(start_server, monkeypatch: pytest.Monke
     with pytest.raises(TeacherError, match="HTTP 401"):
         _teacher(url, api_key="wrong").sample(_text_records(1)[0], n=1)
     assert faults.requests == 2  # the 401 was not retried
+    # openai's own $OPENAI_API_KEY is never sent: a key for one provider must not reach another.
+    monkeypatch.delenv("THINKVL_TEACHER_API_KEY")
+    monkeypatch.setenv("OPENAI_API_KEY", "s3cret")
+    with pytest.raises(TeacherError, match="HTTP 401"):
+        _teacher(url).sample(_text_records(1)[0], n=1)
+    assert faults.requests == 3
 
 
 def test_cache_means_no_second_payment(start_server, tmp_path: Path) -> None:
@@ -279,3 +297,105 @@ def test_cache_keeps_complete_last_line_without_newline(tmp_path: Path) -> None:
     teacher = RemoteTeacher("http://127.0.0.1:9/v1", "m", cache_path=cache)
     assert set(teacher.cache.entries) == {"a", "b", "c"} and teacher.stats.cache_bad_lines == 1
     assert cache.read_text().endswith(good[2] + "\n")  # newline restored, so appends stay line-wise
+
+
+# ----------------------------------------------------------------------------------------------
+# openai's retries, counted server-side; nothing received is lost or paid twice
+
+
+@pytest.mark.parametrize("max_retries", [0, 3])
+def test_retry_count_is_honoured(start_server, max_retries: int) -> None:
+    faults, url = start_server(faults=ServerFaults(fail_first=100, fail_status=503,
+                                                   retry_after_ms=FAST_RETRY_MS))
+    teacher = _teacher(url, max_retries=max_retries)
+    with pytest.raises(TeacherError) as info:
+        teacher.sample(_text_records(1)[0], n=1)
+    assert faults.requests == max_retries + 1  # the server saw exactly the allowed attempts
+    assert isinstance(info.value.__cause__, openai.InternalServerError)
+    gave_up = f"gave up after {max_retries + 1} attempts; last error: " if max_retries else ""
+    assert f"{url}/chat/completions (model 'thinkvl-tiny'): {gave_up}HTTP 503: injected failure" in str(info.value)
+    assert teacher.stats.requests == max_retries + 1 and teacher.stats.retries == max_retries
+
+
+def test_server_requested_wait_is_kept(start_server) -> None:
+    # 900 ms: well above openai's own first wait (0.375-0.5 s), so only the header explains it.
+    faults, url = start_server(faults=ServerFaults(fail_first=1, fail_status=429, retry_after_ms=900))
+    start = time.monotonic()
+    assert len(_teacher(url).sample(_text_records(1)[0], n=1)) == 1
+    assert time.monotonic() - start >= 0.9  # the rate limit's retry-after-ms was waited out
+    assert faults.requests == 2
+
+
+def test_body_cut_off_mid_transfer_is_retried(start_server, tmp_path: Path) -> None:
+    faults, url = start_server(faults=ServerFaults(fail_first=1, fail_kind="drop"))
+    teacher = _teacher(url, cache_path=tmp_path / "cache.jsonl")
+    assert teacher.sample(_text_records(1)[0], n=1) == ["echo[what is 0+0?] images=[] t=1.0 mt=1024"]
+    assert faults.requests == 2 and teacher.stats.retries == 1 and teacher.stats.failures == 0
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 1
+
+
+def test_garbled_body_is_not_retried_nor_cached(start_server, tmp_path: Path) -> None:
+    # A complete 200 was received (and paid for): asking again would pay twice for the same call.
+    faults, url = start_server(faults=ServerFaults(fail_first=1, fail_kind="garbled"))
+    cache = tmp_path / "cache.jsonl"
+    teacher = _teacher(url, cache_path=cache, on_failure="skip")
+    assert teacher.sample_batch(_text_records(1), n=1) == [[]]
+    assert faults.requests == 1 and teacher.stats.retries == 0 and teacher.stats.failures == 1
+    assert "(model 'thinkvl-tiny'): malformed response: '{\"choices\"" in teacher.failures[0].error
+    assert not cache.exists()  # nothing unusable was written
+    assert len(teacher.sample_batch(_text_records(1), n=1)[0]) == 1  # a rerun asks again
+    assert faults.requests == 2 and len(cache.read_text().splitlines()) == 1
+    faults.fail_first = 3  # raise mode names the cause too
+    with pytest.raises(TeacherError, match="malformed response"):
+        _teacher(url).sample(_text_records(2)[1], n=1)
+
+
+def test_response_is_cached_before_a_callback_can_fail(start_server, tmp_path: Path) -> None:
+    cache = tmp_path / "cache.jsonl"
+    # 0.2 s per answer: the batch is still running when the first callback fails.
+    faults1, url1 = start_server(counting_generate("first"), faults=ServerFaults(sleep_s=0.2))
+
+    def progress(k: int) -> None:
+        raise RuntimeError("progress bar crashed")
+
+    with pytest.raises(RuntimeError, match="progress bar crashed"):
+        _teacher(url1, cache_path=cache, concurrency=2).sample_batch(_text_records(3), n=2, progress=progress)
+    answered = faults1.requests
+    assert 1 <= answered < 6  # the batch stopped early...
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(lines) == answered  # ...and every answer the server sent is in the cache
+    faults2, url2 = start_server(counting_generate("second"))
+    resumed = _teacher(url2, cache_path=cache).sample_batch(_text_records(3), n=2)
+    assert faults2.requests == 6 - answered  # the rest is asked for, nothing twice
+    assert {line["content"] for line in lines} <= {s for row in resumed for s in row}
+
+
+def test_identical_prompts_in_a_batch_are_paid_once(start_server) -> None:
+    faults, url = start_server(counting_generate("only"))
+    record = _text_records(1)[0]
+    out = _teacher(url).sample_batch([record, dict(record, id="copy")], n=2)
+    assert out[0] == out[1] and len(set(out[0])) == 2 and faults.requests == 2
+
+
+def test_reasoning_field_is_folded_back_and_cached(start_server, tmp_path: Path) -> None:
+    def think(messages: list[dict], n: int, temperature: float, max_tokens: int) -> list[str]:
+        return ["<think>\nplan, then check\n</think>\n\\boxed{4}"] * n
+
+    faults, url = start_server(think, split_reasoning=True)  # as vLLM's --reasoning-parser does
+    cache = tmp_path / "cache.jsonl"
+    (sample,) = _teacher(url, cache_path=cache).sample_batch_full(_text_records(1), n=1)[0]
+    assert (sample.reasoning, sample.content) == ("plan, then check", "\\boxed{4}")
+    assert sample.usage is not None and sample.usage["completion_tokens"] > 0
+    again = _teacher(url, cache_path=cache)
+    assert again.sample(_text_records(1)[0], n=1) == ["<think>\nplan, then check\n</think>\n\\boxed{4}"]
+    assert faults.requests == 1  # the second answer came from the cache, reasoning included
+
+
+def test_missing_openai_names_the_extra(tmp_path: Path) -> None:
+    # A real missing package: openai is made unimportable before thinkvl imports it.
+    code = ("import sys; sys.modules['openai'] = None\n"
+            "from thinkvl.distill.remote import RemoteTeacher\n"
+            "RemoteTeacher('http://127.0.0.1:9/v1', 'm')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "ImportError: the remote teacher needs the openai package: pip install 'thinkvl[teacher]'" in proc.stderr

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "transformers", "datasets"):
+    for noisy in ("httpx", "httpx2", "urllib3", "transformers", "datasets"):  # httpx2: openai>=3
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "eval":

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from PIL import Image
 
@@ -43,13 +43,19 @@ class BadRequest(ValueError):
 class ServerFaults:
     """Fault-injection knobs (set before or during a run) and request counters (read by tests).
 
-    fail_first: the first N chat requests are answered with ``fail_status`` (default 500).
+    fail_first: the first N chat requests fail, in the way ``fail_kind`` names:
+        ``"status"``: an error answer with HTTP ``fail_status`` (default 500);
+        ``"drop"``: a 200 whose body is cut off half-way, then the connection closes;
+        ``"garbled"``: a complete 200 whose body is not JSON.
+    retry_after_ms: when set, error answers carry ``retry-after-ms`` (the wait a client should keep).
     sleep_s: every chat request sleeps this long before answering (to test timeouts/concurrency).
     requests / in_flight / max_in_flight: chat requests received, running now, most at once.
     """
 
     fail_first: int = 0
     fail_status: int = 500
+    fail_kind: Literal["status", "drop", "garbled"] = "status"
+    retry_after_ms: int | None = None
     sleep_s: float = 0.0
     requests: int = 0
     in_flight: int = 0
@@ -83,6 +89,7 @@ class TeacherHTTPServer(ThreadingHTTPServer):
         faults: ServerFaults,
         api_key: str | None,
         count_tokens: Callable[[str], int],
+        split_reasoning: bool = False,
     ) -> None:
         super().__init__(address, _Handler)
         self.generate_fn = generate_fn
@@ -90,6 +97,7 @@ class TeacherHTTPServer(ThreadingHTTPServer):
         self.faults = faults
         self.api_key = api_key
         self.count_tokens = count_tokens
+        self.split_reasoning = split_reasoning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,17 +193,29 @@ def _prompt_text(messages: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def split_think(text: str) -> dict[str, str]:
+    """``reasoning_content`` and ``content`` of ``<think>r</think>c``, as servers with a reasoning
+    parser (vLLM, SGLang) answer; text without a closing ``</think>`` is all content."""
+    head, sep, tail = text.partition("</think>")
+    if not sep:
+        return {"content": text}
+    return {"reasoning_content": head.removeprefix("<think>").strip("\n"), "content": tail.lstrip("\n")}
+
+
 def build_response(
-    outputs: list[str | tuple[str, str]], model: str, prompt_tokens: int, count: Callable[[str], int]
+    outputs: list[str | tuple[str, str]],
+    model: str,
+    prompt_tokens: int,
+    count: Callable[[str], int],
+    split_reasoning: bool = False,
 ) -> dict[str, Any]:
     """The chat.completion object for the generated outputs."""
     choices, completion_tokens = [], 0
     for i, out in enumerate(outputs):
         text, finish = (out, "stop") if isinstance(out, str) else out
         completion_tokens += count(text)
-        choices.append(
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        )
+        message = {"role": "assistant", **(split_think(text) if split_reasoning else {"content": text})}
+        choices.append({"index": i, "message": message, "finish_reason": finish})
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -261,7 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
         if faults.sleep_s > 0:
             time.sleep(faults.sleep_s)
         if number <= faults.fail_first:
-            return self._error(faults.fail_status, f"injected failure {number}/{faults.fail_first}")
+            return self._fail(f"injected failure {number}/{faults.fail_first}")
         if srv.api_key is not None and self.headers.get("Authorization") != f"Bearer {srv.api_key}":
             return self._error(401, "invalid or missing API key")
         try:
@@ -275,7 +295,8 @@ class _Handler(BaseHTTPRequestHandler):
         if len(outputs) != n:
             return self._error(500, f"generate_fn returned {len(outputs)} outputs for n={n}")
         prompt_tokens = srv.count_tokens(_prompt_text(messages))
-        self._json(200, build_response(outputs, srv.model_name, prompt_tokens, srv.count_tokens))
+        count, split = srv.count_tokens, srv.split_reasoning
+        self._json(200, build_response(outputs, srv.model_name, prompt_tokens, count, split))
 
     def _read_json(self) -> Any:
         """The request body parsed as JSON; BadRequest on a missing length, oversize or bad JSON."""
@@ -302,11 +323,29 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.rfile.read(min(length, _MAX_BODY_BYTES))
 
+    def _fail(self, message: str) -> None:
+        """An injected failure of the kind ``faults.fail_kind`` names."""
+        kind = self.server.faults.fail_kind
+        if kind == "status":
+            return self._error(self.server.faults.fail_status, message)
+        body = json.dumps({"choices": [{"message": {"content": message}}]}).encode("utf-8")
+        body = body[: len(body) // 2]  # valid JSON up to here, then nothing that closes it
+        self._uncount()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        # drop: announce the whole length but close after half of it, as a cut connection would.
+        self.send_header("Content-Length", str(2 * len(body) if kind == "drop" else len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = kind == "drop"
+
     def _error(self, status: int, message: str) -> None:
         """An OpenAI-style error object."""
         kind = "invalid_request_error" if status < 500 else "server_error"
         payload = {"error": {"message": message, "type": kind, "code": status}}
         headers = {"Retry-After": "0"} if status == 429 else {}
+        if self.server.faults.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(self.server.faults.retry_after_ms)
         self._json(status, payload, headers)
 
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
@@ -339,15 +378,18 @@ def serve(
     faults: ServerFaults | None = None,
     api_key: str | None = None,
     count_tokens: Callable[[str], int] = _whitespace_tokens,
+    split_reasoning: bool = False,
 ) -> tuple[TeacherHTTPServer, threading.Thread, str]:
     """Start the server in a background thread; returns (server, thread, base_url ending in /v1).
 
     ``port=0`` picks a free port. ``server.faults`` is the live fault/counter object. With
     ``api_key`` set, requests without ``Authorization: Bearer <api_key>`` get 401.
-    ``count_tokens`` fills ``usage`` (whitespace words by default: approximate).
+    ``count_tokens`` fills ``usage`` (whitespace words by default: approximate). With
+    ``split_reasoning``, a ``<think>...</think>`` block goes to ``message.reasoning_content``.
     """
     server = TeacherHTTPServer(
-        (host, port), generate_fn, model_name, faults or ServerFaults(), api_key, count_tokens
+        (host, port), generate_fn, model_name, faults or ServerFaults(), api_key, count_tokens,
+        split_reasoning,
     )
     # A short poll interval makes shutdown() return in ~50 ms instead of the default 0.5 s.
     thread = threading.Thread(

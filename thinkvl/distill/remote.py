@@ -6,9 +6,12 @@ Teacher calls are the slow, paid part, so this client is built around three prop
 * one completion per HTTP call (``n=1``), so every finished sample is cached on its own;
 * a resumable append-only JSONL cache: a sample whose key is cached is never requested again, and a
   build killed mid-way (even mid-line) loses only the samples that were in flight;
-* bounded parallelism with retries (exponential back-off + jitter) on transient failures only.
+* bounded parallelism; a sample is written to the cache as soon as its response is parsed, before
+  any counting or callback that could fail.
 
-Stdlib only (``urllib`` + ``concurrent.futures``): no ``openai`` package needed.
+HTTP, retries with back-off, timeouts and typed errors are the ``openai`` package's (install
+``thinkvl[teacher]``). Its retries cover connection errors, timeouts, a body cut off mid-transfer,
+408/409/429 and 5xx; a complete 200 response is never retried, so nothing received is paid twice.
 """
 
 from __future__ import annotations
@@ -16,24 +19,24 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import hashlib
-import http.client
 import io
 import json
 import mimetypes
 import os
-import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+try:
+    import openai
+except ImportError:  # the optional `teacher` extra; RemoteTeacher says how to install it
+    openai = None  # type: ignore[assignment]
+
 API_KEY_ENV = "THINKVL_TEACHER_API_KEY"
-# 408 is a server-side timeout, 429 a rate limit, 5xx a server/proxy failure: all worth another try.
-_RETRY_STATUSES = frozenset({408, 429})
-_MAX_BACKOFF_S = 60.0
+# The openai client insists on a key; servers without auth (vLLM, SGLang by default) ignore this one.
+_NO_KEY = "EMPTY"
 _ERROR_BODY_CHARS = 500
 # Magic bytes beat file extensions: datasets often store JPEGs under ``.png`` names.
 _MAGIC_MIME = (
@@ -46,7 +49,11 @@ _MAGIC_MIME = (
 
 
 class TeacherError(RuntimeError):
-    """A teacher request failed for good (non-retryable status, or retries exhausted)."""
+    """A teacher request failed for good (non-retryable status, retries exhausted, garbled body).
+
+    The openai error behind it (APIStatusError, APITimeoutError, APIConnectionError...) is its
+    ``__cause__``.
+    """
 
 
 @dataclass
@@ -108,14 +115,6 @@ class _Aborted(TeacherError):
     """A sample dropped because another sample of its batch failed (``on_failure="raise"``)."""
 
 
-class _RetryableError(Exception):
-    """A transient failure; ``retry_after_s`` carries a server-requested wait, if any."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
 # ----------------------------------------------------------------------------------------------
 # Message conversion (record format -> OpenAI format)
 
@@ -174,26 +173,24 @@ def to_openai_messages(messages: list[dict[str, Any]], base_dir: Path | None = N
     return out
 
 
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (numeric form only; HTTP dates are rare for APIs)."""
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+def _server_message(err: openai.APIStatusError) -> str:
+    """The server's own words from an openai APIStatusError: ``error.message``, else the body."""
+    body = err.body
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    if isinstance(body, str) and body:
+        return body[:_ERROR_BODY_CHARS]
+    return str(err.message)[:_ERROR_BODY_CHARS]
 
 
-def _server_message(body: bytes) -> str:
-    """The error message of an error response: ``error.message`` if JSON, else the raw text."""
-    text = body.decode("utf-8", errors="replace")
-    try:
-        err = json.loads(text).get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-    except (ValueError, AttributeError):
-        pass
-    return text[:_ERROR_BODY_CHARS]
+def _retries_taken(err: openai.APIError) -> int:
+    """Retries openai made before it raised ``err``: it numbers each attempt in a request header."""
+    return int(err.request.headers.get("x-stainless-retry-count", 0))
+
+
+def _token_count(value: Any) -> int:
+    """A token count from ``usage``; anything but a non-negative int counts 0 (the sample stays)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,13 +279,13 @@ class RemoteTeacher:
         base_url: API root such as ``http://127.0.0.1:8000/v1``; requests go to
             ``{base_url}/chat/completions``.
         model: model name sent in every request (and part of the cache key).
-        api_key: Bearer token; defaults to ``$THINKVL_TEACHER_API_KEY``; none sent if neither.
+        api_key: Bearer token; defaults to ``$THINKVL_TEACHER_API_KEY`` (never ``$OPENAI_API_KEY``:
+            a key for one provider is not sent to another endpoint); a placeholder if neither.
         concurrency: maximum simultaneous HTTP requests.
-        max_retries: extra attempts after a transient failure (connection error, timeout, 408,
-            429, 5xx); other 4xx fail at once.
-        timeout_s: socket timeout per request (connect and each read).
-        backoff_s: base back-off; attempt k waits ``backoff_s * 2**k`` times a jitter in [0.5, 1.5)
-            (or the server's ``Retry-After``, if larger), capped at 60 s.
+        max_retries: openai's ``max_retries``: extra attempts after a connection error, timeout,
+            cut-off body, 408, 409, 429 or 5xx, waiting 0.5 s doubling to 8 s (less up to 25 %
+            jitter) or the server's ``Retry-After``/``retry-after-ms``; other 4xx fail at once.
+        timeout_s: openai's ``timeout``: the limit on connecting and on each wait for data.
         cache_path: JSONL cache file; None keeps the cache in memory only.
         temperature, top_p, max_tokens: sampling parameters sent with each request.
         base_dir: directory that relative image paths in records are resolved against.
@@ -307,7 +304,6 @@ class RemoteTeacher:
         concurrency: int = 8,
         max_retries: int = 4,
         timeout_s: float = 60.0,
-        backoff_s: float = 1.0,
         cache_path: Path | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -317,6 +313,8 @@ class RemoteTeacher:
         on_failure: Literal["raise", "skip"] = "raise",
         reasoning_template: str = "<think>\n{reasoning}\n</think>\n{content}",
     ) -> None:
+        if openai is None:
+            raise ImportError("the remote teacher needs the openai package: pip install 'thinkvl[teacher]'")
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         for name, value, lowest in (
@@ -326,17 +324,16 @@ class RemoteTeacher:
         ):
             if value < lowest:
                 raise ValueError(f"{name} must be >= {lowest}, got {value}")
-        if timeout_s <= 0 or backoff_s < 0:
-            raise ValueError(f"need timeout_s > 0 and backoff_s >= 0, got {timeout_s}, {backoff_s}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if on_failure not in ("raise", "skip"):
             raise ValueError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.timeout_s = timeout_s
-        self.backoff_s = backoff_s
         self.temperature = temperature
         self.top_p = top_p
         self.max_tokens = max_tokens
@@ -348,6 +345,10 @@ class RemoteTeacher:
         self.stats = TeacherStats(cache_bad_lines=self.cache.bad_lines)
         self.failures: list[SampleFailure] = []
         self._stats_lock = threading.Lock()
+        # One client for all worker threads: it is thread-safe and keeps connections alive.
+        self._client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or _NO_KEY, max_retries=max_retries, timeout=timeout_s
+        )
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -383,8 +384,9 @@ class RemoteTeacher:
         return self.reasoning_template.format(reasoning=completion.reasoning, content=completion.content)
 
     def close(self) -> None:
-        """Close the cache file."""
+        """Close the cache file and the HTTP connections."""
         self.cache.close()
+        self._client.close()
 
     def __enter__(self) -> RemoteTeacher:
         return self
@@ -466,8 +468,8 @@ class RemoteTeacher:
                 if progress is not None:  # given-up samples count too: they are done
                     progress(len(slots))
         finally:
-            # On error: queued requests are dropped, running ones stop retrying; those that still
-            # finish are cached by their worker, so nothing paid for is lost.
+            # On error: queued requests are dropped; running ones finish (retries included, as
+            # openai cannot be stopped mid-call) and are cached by their worker: nothing paid is lost.
             abort.set()
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -475,10 +477,10 @@ class RemoteTeacher:
 
     def _fetch_one(self, req: _Request, abort: threading.Event) -> Completion | None:
         """Fetch, cache and return one sample; None when it failed and on_failure is "skip"."""
+        if abort.is_set():
+            raise _Aborted(f"{self.url}: batch aborted after another sample failed")
         try:
-            completion = self._request_with_retries(req, abort)
-        except _Aborted:
-            raise  # not a failure of its own
+            return self._request(req)
         except TeacherError as err:
             with self._stats_lock:
                 self.stats.failures += 1
@@ -488,94 +490,69 @@ class RemoteTeacher:
                 abort.set()  # set here, not in the caller, so no other request starts after this
                 raise
             return None
+
+    def _request(self, req: _Request) -> Completion:
+        """One sample through openai (its retries included); cached the moment it is parsed."""
+        try:
+            raw = self._client.chat.completions.with_raw_response.create(
+                model=self.model,
+                messages=req.messages,  # type: ignore[arg-type]  (plain dicts in OpenAI form)
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_tokens=self.max_tokens,
+                n=1,
+                extra_body=self.extra_body or None,  # merged last, so it may override the above
+            )
+        except openai.APIError as err:
+            retries = _retries_taken(err)
+            self._count_requests(retries)
+            raise TeacherError(self._describe(err, retries + 1)) from err
+        self._count_requests(raw.retries_taken)
+        completion = self._parse(raw)
         self.cache.put(_entry_from_completion(req, completion, self.model))
+        usage = completion.usage or {}
+        with self._stats_lock:
+            self.stats.prompt_tokens += _token_count(usage.get("prompt_tokens"))
+            self.stats.completion_tokens += _token_count(usage.get("completion_tokens"))
         return completion
 
-    def _request_with_retries(self, req: _Request, abort: threading.Event) -> Completion:
-        """POST until success, a non-retryable error, or ``max_retries`` retries are spent."""
-        body = self._request_body(req.messages)
-        for attempt in range(self.max_retries + 1):
-            if abort.is_set():
-                raise _Aborted(f"{self.url}: batch aborted after another sample failed")
-            try:
-                return self._post(body)
-            except _RetryableError as err:
-                if attempt == self.max_retries:
-                    raise TeacherError(
-                        f"{self.url}: gave up after {attempt + 1} attempts; last error: {err}"
-                    ) from err
-                with self._stats_lock:
-                    self.stats.retries += 1
-                abort.wait(self._backoff(attempt, err.retry_after_s))  # wakes early on abort
-        raise AssertionError("unreachable")
-
-    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
-        """Exponential back-off with jitter, so parallel workers do not retry in lockstep."""
-        wait = self.backoff_s * (2**attempt) * random.uniform(0.5, 1.5)
-        if retry_after_s is not None:
-            wait = max(wait, retry_after_s)
-        return min(wait, _MAX_BACKOFF_S)
-
-    def _request_body(self, messages: list[dict[str, Any]]) -> bytes:
-        """The JSON body of one request; ``extra_body`` may override the defaults."""
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_tokens": self.max_tokens,
-            "n": 1,
-            **self.extra_body,
-        }
-        return json.dumps(body, ensure_ascii=False).encode("utf-8")
-
-    def _post(self, body: bytes) -> Completion:
-        """One HTTP attempt; transient failures raise _RetryableError, the rest TeacherError."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+    def _count_requests(self, retries: int) -> None:
+        """Count one sample's HTTP requests: its first attempt plus openai's retries."""
         with self._stats_lock:
-            self.stats.requests += 1
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as err:
-            raise self._http_error(err) from err
-        except (OSError, http.client.HTTPException) as err:
-            # OSError: refused/reset connections, socket timeouts, URLError; HTTPException: a
-            # connection cut mid-response (IncompleteRead, BadStatusLine). All transient.
-            raise _RetryableError(f"{type(err).__name__}: {err}") from err
-        return self._parse_response(raw)
+            self.stats.requests += retries + 1
+            self.stats.retries += retries
 
-    def _http_error(self, err: urllib.error.HTTPError) -> Exception:
-        """Map an HTTP error status to a retryable error or a final TeacherError."""
-        try:
-            message = _server_message(err.read())
-        except OSError:
-            message = err.reason
-        text = f"{self.url} returned HTTP {err.code}: {message}"
-        if err.code in _RETRY_STATUSES or err.code >= 500:
-            return _RetryableError(text, _parse_retry_after(err.headers.get("Retry-After")))
-        return TeacherError(text)
+    def _describe(self, err: openai.APIError, attempts: int) -> str:
+        """A TeacherError message: endpoint, model, attempts, and what went wrong in words."""
+        if isinstance(err, openai.APIStatusError):
+            what = f"HTTP {err.status_code}: {_server_message(err)}"
+        elif isinstance(err, openai.APITimeoutError):
+            what = f"request timed out (timeout_s={self.timeout_s})"
+        elif isinstance(err, openai.APIConnectionError):
+            cause = err.__cause__
+            what = f"connection failed: {type(cause).__name__}: {cause}" if cause else "connection failed"
+        else:
+            what = f"{type(err).__name__}: {err}"
+        where = f"{self.url} (model {self.model!r})"
+        if attempts > 1:
+            return f"{where}: gave up after {attempts} attempts; last error: {what}"
+        return f"{where}: {what}"
 
-    def _parse_response(self, raw: bytes) -> Completion:
-        """Completion from a 200 body; a garbled body is treated as transient (cut-off transfer)."""
+    def _parse(self, raw: Any) -> Completion:  # raw: openai's with_raw_response result
+        """Completion from a 200; a garbled one is a TeacherError (a complete 200 is not retried)."""
         try:
-            data = json.loads(raw)
-            choice = data["choices"][0]
-            message = choice["message"]
-        except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise _RetryableError(f"malformed response from {self.url}: {raw[:200]!r}") from err
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-        if usage:
-            with self._stats_lock:
-                self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-                self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
+            data = raw.parse()
+            choice = data.choices[0]
+            message = choice.message
+            content, finish_reason = message.content or "", choice.finish_reason
+            usage = data.usage.to_dict() if data.usage is not None else None
+        except (ValueError, AttributeError, IndexError, TypeError) as err:
+            body = raw.http_response.text[:200]
+            raise TeacherError(f"{self.url} (model {self.model!r}): malformed response: {body!r}") from err
+        reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
         return Completion(
-            content=message.get("content") or "",
-            finish_reason=choice.get("finish_reason"),
+            content=content,
+            finish_reason=finish_reason,
             usage=usage,
             reasoning=reasoning if isinstance(reasoning, str) else None,
         )
