@@ -260,6 +260,7 @@ def test_update_grpo_normalises_by_response_tokens(toy):
     for r, n, reward in zip(flat, [1, 3, 5, 6, 2, 6, 4, 6], [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]):
         n = min(n, r.length)
         r.response_ids, r.logprobs, r.length, r.reward = r.response_ids[:n], r.logprobs[:n], n, reward
+        r.correct = reward  # the whole reward is correctness: GRPO scales by its spread
     cfg = RLConfig()
     cfg.loss.name, cfg.rollout.k, cfg.loss.responses_per_micro_batch, cfg.loss.clip_grad = "grpo", k, 4, 0.0
     model = loaded.model

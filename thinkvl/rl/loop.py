@@ -275,7 +275,8 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
             mask[i, : r.length] = 1.0
             ref[i, : r.length] = torch.tensor(r.logprobs[: r.length])
         rewards = torch.tensor([r.reward for r in mb])
-        loss = loss_fn(logp, ref, mask, rewards, k, normalizer=n_norm / d.world)
+        correct = torch.tensor([r.correct for r in mb])  # GRPO scales by its spread, not the reward's
+        loss = loss_fn(logp, ref, mask, rewards, k, normalizer=n_norm / d.world, correct=correct)
         loss.backward()
         total_loss += float(loss.detach())
         ent_sum += float((ent * mask).sum())
