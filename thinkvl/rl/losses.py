@@ -114,7 +114,7 @@ def group_advantages(
     Scaling by the correctness spread, not by that of r, keeps an auxiliary term such as the length
     reward (r = c + w * len_reward) at its weight w relative to correctness: in a tied group the
     std of r is the small spread of the w-terms alone, and dividing by it would blow them up to
-    unit scale (issue 22). Without ``correct`` this is plain GRPO (c = r; a tied group has A = 0).
+    unit scale. Without ``correct`` this is plain GRPO (c = r; a tied group has A = 0).
 
     Args:
         rewards: ``[B]`` total rewards, B a multiple of ``group_size``.
