@@ -66,6 +66,10 @@ def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, s
         model.train()
         score(rollouts, [problems[i] for i in batch], verifier, cfg.length_penalty, it)
         flat = [r for g in rollouts for r in g]
+        # The random policy's groups are all wrong, and `update` skips a batch without signal; give each
+        # group differing rewards so the step does its full work, as TRL's does.
+        for j, r in enumerate(flat):
+            r.reward = r.correct = float(j % 2)
         t2 = time.perf_counter()
         update(model, optim, flat, k, loaded, cfg, d, loss_fn, len(flat))
         t3 = time.perf_counter()

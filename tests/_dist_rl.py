@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py update MODEL OUT_JSON
     python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py train MODEL PROBLEMS OUT_DIR VERIFIER
+    python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py skip MODEL OUT_JSON
 
 update: one RL `update` on a fixed batch (`run_update` is also called in-process for 1 process).
 Every rank loads the same model and samples the same rollouts with a fixed seed *before* sharding
@@ -11,6 +12,11 @@ parameters and runs `update` once (SGD). Rank 0 writes the reported loss / grad 
 full updated state dict (OUT_JSON and OUT_JSON + ".pt").
 
 train: a 2-iteration `train` run (the verifier module must be importable: PYTHONPATH).
+
+skip: `update` on a batch where every group is tied on every rank (must skip on both ranks, weights
+and AdamW state untouched, a checkpoint of the still-empty state must not initialise it), then on
+one where only rank 1's groups carry signal (both ranks must step: a rank skipping alone would hang
+the other in FSDP's collectives). Rank 0 writes every rank's findings to OUT_JSON.
 """
 
 from __future__ import annotations
@@ -84,6 +90,51 @@ def run_update(model_dir: str, tau: float = 0.5, lr: float = 1.0) -> tuple[dict,
     return out, sd
 
 
+def run_skip(model_dir: str) -> list[dict]:
+    """The two `update` calls described in the module docstring; every rank's findings, in rank order."""
+    import torch.distributed as dist
+
+    d = D.setup()
+    cfg = RLConfig()
+    cfg.model.path = model_dir
+    cfg.rollout.k = K
+    cfg.loss.responses_per_micro_batch = 64
+    loaded = load(model_dir)
+    groups = fixed_rollouts(loaded)
+    loaded.model.train()
+    flat = [r for i in range(len(groups))[d.rank :: d.world] for r in groups[i]]
+    signal = [r.reward for r in flat]
+    model = D.shard(loaded.model, d)
+    start = D.full_state_dict(model, d)
+    optim = make_optimizer(param_groups(model, cfg.model, 1e-2, 0.0), "adamw", (0.9, 0.95))
+    loss_fn = functools.partial(get_loss("mirror_descent"), tau=0.5)
+    n_global = int(D.all_reduce_sum(len(flat), d))
+
+    def same_as_start() -> bool | None:
+        now = D.full_state_dict(model, d)  # collective; the full weights (cpu_offload) reach rank 0 only
+        if d.rank != 0:
+            return None
+        return len(start) > 0 and now.keys() == start.keys() and all(torch.equal(now[k], start[k]) for k in start)
+
+    mine: dict = {"rank": d.rank}
+    for r in flat:  # every group tied: all right or all wrong, on both ranks
+        r.reward = float(r.group % 2)
+    mine["tied"] = update(model, optim, flat, K, loaded, cfg, d, loss_fn, n_global)
+    mine["tied_same_weights"] = same_as_start()
+    saved = D.optim_state(model, optim, d)
+    mine["tied_optim_state_len"] = len(optim.state)
+    mine["tied_saved_state_len"] = len(saved.get("state", {}))  # full state (cpu_offload): rank 0 only
+    for r, reward in zip(flat, signal):  # rank 1 keeps its groups' differing rewards, rank 0's stay tied
+        r.reward = reward if d.rank == 1 else r.reward
+    mine["rank1_signal"] = update(model, optim, flat, K, loaded, cfg, d, loss_fn, n_global)
+    mine["rank1_signal_same_weights"] = same_as_start()
+    mine["rank1_signal_optim_state_len"] = len(optim.state)
+    out: list = [None] * d.world
+    dist.all_gather_object(out, mine)
+    D.cleanup(d)
+    return out
+
+
 def run_train(model_dir: str, problems: str, out_dir: str, verifier: str) -> None:
     """A short `train` run: 2 prompts x 2 responses per rank, 2 generation chunks, 2 micro-batches."""
     from thinkvl.rl.loop import train
@@ -105,6 +156,11 @@ def run_train(model_dir: str, problems: str, out_dir: str, verifier: str) -> Non
 if __name__ == "__main__":
     if sys.argv[1] == "train":
         run_train(*sys.argv[2:6])
+    elif sys.argv[1] == "skip":
+        found = run_skip(sys.argv[2])
+        if found[0]["rank"] == 0 and int(__import__("os").environ["RANK"]) == 0:
+            with open(sys.argv[3], "w") as f:
+                json.dump(found, f)
     else:
         model_dir, out_json = sys.argv[2:4]
         metrics, state = run_update(model_dir)

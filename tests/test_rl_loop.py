@@ -8,6 +8,7 @@ somewhere in 8 tokens a few percent of the time; RL has to make it (nearly) alwa
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -54,6 +55,11 @@ VERIFIER_SRC = '''
 def contains_reference(response: str, reference: str) -> float:
     """1 if the reference string occurs in the response (never for an empty reference)."""
     return 1.0 if reference and reference in response else 0.0
+
+
+def never(response: str, reference: str) -> float:
+    """0 for every response: every group is tied."""
+    return 0.0
 '''
 
 
@@ -124,7 +130,7 @@ def test_short_run_raises_reward(toy, tmp_path):
 
 
 RESUME_KEYS = ("reward", "accuracy", "loss", "grad_norm", "entropy", "kl", "length_weight", "zero_var_groups",
-               "sampler/success_mean", "sampler/seen_frac")
+               "sampler/success_mean", "sampler/seen_frac", "update_skipped")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -144,16 +150,39 @@ def test_resume_equals_uninterrupted(toy, tmp_path, optimizer):
     assert "resumed from" in (part / "train.log").read_text()
 
     m_full, m_part = metrics(full), metrics(part)
+    print("update skipped per iteration:", [m["update_skipped"] for m in m_full])
     assert [m["step"] for m in m_full] == [m["step"] for m in m_part] == [1, 2, 3, 4, 5, 6]  # no duplicates
     for a, b in zip(m_full, m_part):
         assert {k: a[k] for k in RESUME_KEYS} == {k: b[k] for k in RESUME_KEYS}, a["step"]
     assert any(m["sampler/seen_frac"] < 1 for m in m_full)  # the sampler really had choices to make
+    # iterations without signal (every group all wrong) skip their step, here before the interruption
+    # too, and later iterations still step: the resumed run skips and steps alike
+    assert any(m["update_skipped"] for m in m_full[:3]) and not all(m["update_skipped"] for m in m_full[3:])
     w_full = load_file(full / "final" / "model.safetensors")
     w_part = load_file(part / "final" / "model.safetensors")
     assert w_full.keys() == w_part.keys()
     assert all(torch.equal(w_full[k], w_part[k]) for k in w_full)
     w0 = load_file(toy["model"] / "model.safetensors")
     assert any(not torch.equal(w0[k], w_full[k]) for k in w0)  # and the runs did train
+
+
+def test_run_without_signal_never_steps(toy, tmp_path):
+    # A reward that is 0 for everything and no length penalty: every iteration is skipped and counted,
+    # the exported weights are the start's, and a run resumed from the never-stepped optimiser does too.
+    over = {"iterations": 2, "rollout.prompts_per_iter": 2, "rollout.k": 4, "verifier": f"{VERIFIER_MODULE}:never",
+            "loss.updates_per_iter": 2}
+    out = tmp_path / "run"
+    train(rl_config(toy, out, **over))
+    assert torch.load(out / "checkpoints" / "step-2" / "optim.pt", weights_only=False)["state"] == {}
+    train(rl_config(toy, out, **dict(over, iterations=3)))  # resumes from the empty optimiser state
+    lines = metrics(out)
+    assert [(m["step"], m["update_skipped"], m["zero_var_groups"]) for m in lines] == [(i, 1, 1.0) for i in (1, 2, 3)]
+    assert all(m["loss"] is None and m["grad_norm"] is None and m["train_tokens_per_s"] is None for m in lines)
+    log_text = (out / "train.log").read_text()
+    assert log_text.count("every group's rewards are tied (all advantages 0): no optimiser step") == 3
+    w0 = load_file(toy["model"] / "model.safetensors")
+    w1 = load_file(out / "final" / "model.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
 # --- phases ---------------------------------------------------------------------------------
@@ -260,6 +289,7 @@ def test_update_grpo_normalises_by_response_tokens(toy):
     for r, n, reward in zip(flat, [1, 3, 5, 6, 2, 6, 4, 6], [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]):
         n = min(n, r.length)
         r.response_ids, r.logprobs, r.length, r.reward = r.response_ids[:n], r.logprobs[:n], n, reward
+        r.correct = reward  # the whole reward is correctness: GRPO scales by its spread
     cfg = RLConfig()
     cfg.loss.name, cfg.rollout.k, cfg.loss.responses_per_micro_batch, cfg.loss.clip_grad = "grpo", k, 4, 0.0
     model = loaded.model
@@ -278,6 +308,64 @@ def test_update_grpo_normalises_by_response_tokens(toy):
     print("grpo loss", out["loss"], "hand", -total / n_tokens, "lengths", [r.length for r in flat])
     assert abs(total) > 0.5
     assert out["loss"] == pytest.approx(-total / n_tokens, rel=1e-4)
+
+
+def _state_copy(model, optim) -> tuple[dict, dict]:
+    return ({n: p.detach().clone() for n, p in model.named_parameters()}, copy.deepcopy(optim.state_dict()))
+
+
+def _assert_same_state(a, b) -> None:
+    """Bit-identical parameters and optimiser state (moments, step counts, hyperparameters)."""
+    (pa, oa), (pb, ob) = a, b
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, st in oa["state"].items():
+        assert st.keys() == ob["state"][i].keys()
+        assert all(torch.equal(v, ob["state"][i][key]) for key, v in st.items()), i
+
+
+def test_update_without_signal_leaves_weights_and_optimiser_untouched(toy):
+    # Issue 22: with every advantage 0 the gradient is rounding noise, yet AdamW took a full-size step.
+    loaded = load(str(toy["model"]))
+    k = 4
+    prompts = [loaded.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS[:3]]
+    with torch.no_grad():
+        groups = HFEngine(loaded, batch_size=64).generate(prompts, k, SamplingParams(max_new_tokens=6, seed=11))
+    flat = [r for g in groups for r in g]
+    model = loaded.model
+    model.train()
+    cfg = RLConfig()
+    cfg.rollout.k, cfg.loss.responses_per_micro_batch, cfg.loss.clip_grad = k, 4, 0.0
+    optim = torch.optim.AdamW(param_groups(model, cfg.model, 1e-2, 0.1), betas=(0.9, 0.95), foreach=False)
+    losses = {"mirror_descent": functools.partial(get_loss("mirror_descent"), tau=0.5),
+              "grpo": functools.partial(get_loss("grpo"), clip_eps=0.2)}
+
+    def set_rewards(correct: list[float], rewards: list[float] | None = None) -> None:
+        for r, c, total in zip(flat, correct, rewards or correct):
+            r.correct, r.reward = c, total
+
+    # a batch with signal steps (and gives AdamW moments to keep intact below)
+    set_rewards([1.0, 0.0, 0.0, 1.0] * 3)
+    before = _state_copy(model, optim)
+    out = update(model, optim, flat, k, loaded, cfg, D.Dist(), losses["mirror_descent"], n_global=len(flat))
+    assert out["update_skipped"] == 0 and out["loss"] > 0.1
+    after = _state_copy(model, optim)
+    assert any(not torch.equal(before[0][n], after[0][n]) for n in before[0])
+
+    # every group tied (all right, all wrong, all 0.3: not a dyadic float): no step, for both losses, twice
+    set_rewards([1.0] * 4 + [0.0] * 4 + [0.3] * 4)
+    for name, loss_fn in losses.items():
+        for _ in range(2):  # updates_per_iter 2: the policy is still pi_i, so the second skips too
+            out = update(model, optim, flat, k, loaded, cfg, D.Dist(), loss_fn, n_global=len(flat))
+            assert out == {"loss": None, "grad_norm": None, "entropy": None, "kl": None, "update_skipped": 1}, name
+            _assert_same_state(after, _state_copy(model, optim))
+
+    # GRPO: correctness tied everywhere but the length terms differ in one group -> a (small) real step
+    set_rewards([1.0] * 4 + [0.0] * 4 + [0.3] * 4, [1.05, 1.0, 1.0, 0.95] + [0.0] * 4 + [0.3] * 4)
+    out = update(model, optim, flat, k, loaded, cfg, D.Dist(), losses["grpo"], n_global=len(flat))
+    assert out["update_skipped"] == 0 and out["grad_norm"] > 0
+    moved = _state_copy(model, optim)
+    assert any(not torch.equal(after[0][n], moved[0][n]) for n in after[0])
 
 
 def test_guardrails_warn_then_stop_with_the_reason(caplog):
@@ -371,6 +459,24 @@ def test_two_processes_update_equals_one(toy, tmp_path):
     print(f"moved {moved:.2e}, max |1-proc - 2-proc| {worst:.2e}, checksums {checksum}")
     assert moved > 1e-2 > worst * 1000  # both updates moved the weights, and moved them alike
     assert checksum[0] == pytest.approx(checksum[1], rel=1e-6)
+
+
+def test_two_processes_skip_together(toy, tmp_path):
+    """Under FSDP2 the ranks agree on skipping a step without signal: all tied -> both skip (weights and
+    AdamW state untouched, also by saving a checkpoint); only rank 1 with signal -> both step."""
+    out = tmp_path / "skip.json"
+    torchrun("_dist_rl.py", "skip", str(toy["model"]), str(out), tmp_dir=tmp_path / "tmp", timeout=240)
+    ranks = json.loads(out.read_text())
+    print(ranks)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["tied"]["update_skipped"] == 1 and r["tied"]["loss"] is None
+        assert r["tied_optim_state_len"] == r["tied_saved_state_len"] == 0
+        assert r["rank1_signal"]["update_skipped"] == 0 and r["rank1_signal"]["loss"] > 1e-3
+        assert r["rank1_signal_optim_state_len"] > 0
+    # the full weights, compared on rank 0: untouched by the skipped update, moved by the real one
+    assert ranks[0]["tied_same_weights"] is True and ranks[0]["rank1_signal_same_weights"] is False
+    assert ranks[0]["rank1_signal"]["loss"] == pytest.approx(ranks[1]["rank1_signal"]["loss"])
 
 
 def test_two_process_train_with_uneven_generation(toy, tmp_path):

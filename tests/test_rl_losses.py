@@ -15,7 +15,9 @@ from thinkvl.rl.losses import (
     mirror_descent_loss_from_advantages,
     mirror_descent_stats,
     sequence_logprobs,
+    tied_groups,
 )
+from thinkvl.rewards.length import group_length_rewards
 
 torch.set_num_threads(1)
 f64 = torch.float64
@@ -221,6 +223,94 @@ def test_grpo_normalizer_counts_tokens_across_micro_batches() -> None:
         for s in (slice(0, 3), slice(3, 6))
     )
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-12)
+
+
+# --- GRPO with an auxiliary (length) reward: scaled by the spread of correctness (issue 22) ---------
+
+# One group each, k = 4, lengths 10, 20, 20, 30, w = 0.1: lambda = 0.5 - (len - 10) / 20 = 0.5, 0, 0, -0.5
+LENGTHS = [10, 20, 20, 30]
+W = 0.1
+GROUPS = {
+    # all right: len_reward = lambda -> r = 1.05, 1, 1, 0.95; rbar 1; correctness tied -> A = r - rbar
+    "all_right": ([1.0, 1.0, 1.0, 1.0], [0.05, 0.0, 0.0, -0.05]),
+    # all wrong: len_reward = min(0, lambda) = 0, 0, 0, -0.5 -> r = 0, 0, 0, -0.05; rbar -0.0125
+    "all_wrong": ([0.0, 0.0, 0.0, 0.0], [0.0125, 0.0125, 0.0125, -0.0375]),
+    # mixed: len_reward 0.5, 0, 0, -0.5 -> r = 1.05, 0, 1, -0.05; rbar 0.5; std of correctness 0.5
+    "mixed": ([1.0, 0.0, 1.0, 0.0], [x / (0.5 + 1e-4) for x in (0.55, -0.5, 0.5, -0.55)]),
+}
+
+
+def _total_rewards(correct: list[float]) -> torch.Tensor:
+    """r = correct + w * len_reward, composed as `loop.score` does."""
+    lens = group_length_rewards(LENGTHS, [c >= 0.5 for c in correct], len(correct))
+    return torch.tensor([c + W * lr_ for c, lr_ in zip(correct, lens)], dtype=f64)
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_grpo_advantages_scale_by_the_correctness_spread(name: str) -> None:
+    correct, expected = GROUPS[name]
+    rewards = _total_rewards(correct)
+    adv = group_advantages(rewards, 4, scale=True, correct=torch.tensor(correct, dtype=f64))
+    torch.testing.assert_close(adv, torch.tensor(expected, dtype=f64), rtol=0, atol=1e-12)
+    if name != "mixed":  # a tied-correctness group is left unscaled: mirror descent's r - rbar
+        torch.testing.assert_close(adv, group_advantages(rewards, 4), rtol=0, atol=0)
+    else:  # the length terms keep their weight w relative to correctness: 0.55 vs 0.5
+        assert adv[0] / adv[2] == pytest.approx(1.1)
+
+
+def test_grpo_loss_takes_the_correctness_part() -> None:
+    # the three groups in one batch, at the first step (ratio 1): L = -(1/N) sum_b A_b len_b
+    correct = [c for name in GROUPS for c in GROUPS[name][0]]
+    rewards = torch.cat([_total_rewards(GROUPS[name][0]) for name in GROUPS])
+    adv = [a for name in GROUPS for a in GROUPS[name][1]]
+    mask = torch.tensor([[1] * n + [0] * (30 - n) for n in LENGTHS * 3])
+    logprobs = torch.full((12, 30), -1.0, dtype=f64)
+    loss = grpo_loss(logprobs, logprobs, mask, rewards, 4, correct=torch.tensor(correct, dtype=f64))
+    expected = -sum(a * n for a, n in zip(adv, LENGTHS * 3)) / (sum(LENGTHS) * 3)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # without `correct` it is plain GRPO: the tied groups' length terms are scaled to unit size
+    plain = group_advantages(rewards, 4, scale=True)
+    assert plain[:8].abs().mean() > 0.5
+
+
+def test_grpo_length_terms_stay_at_their_scale_in_tied_groups() -> None:
+    """The issue's measurement: k = 8, lengths 85-113, w = 0.1, mean |A| per kind of group.
+
+    Before: GRPO divided tied groups by the spread of their +-0.05 length terms (mean |A| ~0.8-0.9,
+    as large as in mixed groups); now they keep mirror descent's size (~0.02) and only the mixed
+    groups are scaled (~1)."""
+    gen = torch.Generator().manual_seed(0)
+    k, n_groups = 8, 600
+    p = torch.rand(n_groups, 1, generator=gen).repeat(1, k)  # per-prompt difficulty: many tied groups
+    correct = (torch.rand(n_groups, k, generator=gen) < p).double().reshape(-1)  # [B]
+    lengths = torch.randint(85, 114, (n_groups * k,), generator=gen).tolist()
+    lens = group_length_rewards(lengths, [bool(c) for c in correct], k)
+    rewards = correct + W * torch.tensor(lens, dtype=f64)  # [B]
+    kind = correct.view(-1, k).sum(dim=1)  # [B/k] number right per group
+    masks = {"mixed": (kind > 0) & (kind < k), "all_wrong": kind == 0, "all_right": kind == k}
+    assert all(int(m.sum()) >= 50 for m in masks.values())  # each kind well represented
+
+    md = group_advantages(rewards, k).view(-1, k)
+    old = group_advantages(rewards, k, scale=True).view(-1, k)  # std of the total reward
+    new = group_advantages(rewards, k, scale=True, correct=correct).view(-1, k)
+    table = {name: [a[m].abs().mean().item() for a in (md, old, new)] for name, m in masks.items()}
+    print("mean |A| (mirror descent, GRPO by reward std, GRPO by correctness std):", table)
+    for name in ("all_wrong", "all_right"):
+        assert table[name][1] > 0.5  # the flaw: length terms blown up to unit scale
+        assert table[name][2] < 0.05  # now the length-term scale (w * |lambda| <= 0.05)
+        torch.testing.assert_close(new[masks[name]], md[masks[name]], rtol=0, atol=0)
+    assert table["mixed"][2] > 0.8  # mixed groups keep GRPO's unit scale
+
+
+def test_tied_groups_have_exactly_zero_advantages() -> None:
+    # 0.1 or 0.3 repeated: the float mean of equal values can be an ulp off; the advantage is 0 anyway
+    rewards = torch.tensor([0.1] * 8 + [0.3] * 8 + [1.0, 0.0] * 4, dtype=torch.float32)
+    assert tied_groups(rewards, 8).tolist() == [True, True, False]
+    for scale in (False, True):
+        adv = group_advantages(rewards, 8, scale=scale)
+        assert torch.count_nonzero(adv[:16]) == 0 and torch.count_nonzero(adv[16:]) == 8
+    with pytest.raises(ValueError, match=r"correct must be \[B\] = \[24\]"):
+        group_advantages(rewards, 8, scale=True, correct=torch.zeros(8))
 
 
 def test_get_loss_by_name() -> None:

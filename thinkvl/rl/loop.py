@@ -6,6 +6,7 @@ Iteration i, with the current policy pi_i as the reference:
   3. score     r_j = verifier(response, answer) in {0, 1}, plus w * k1.5 length reward
   4. update    one or more optimiser steps on
                  L = 1/B sum_j ( r_j - rbar_group - tau * (log pi_theta(y_j|x) - log pi_i(y_j|x)) )^2
+               (none when every group's rewards are tied: no advantage is non-zero, see `update`)
   5. pi_{i+1} := the updated policy (the next iteration's rollouts record its log-probs)
 Each phase is one call, timed and logged. Nothing here knows how generation is implemented.
 
@@ -40,7 +41,7 @@ from thinkvl.models.forward import token_logprobs
 from thinkvl.models.load import Loaded, load
 from thinkvl.rewards.length import group_length_rewards, length_weight
 from thinkvl.rewards.verifiers import format_ok, get_verifier, safe_score
-from thinkvl.rl.losses import LOSSES, get_loss, mirror_descent_stats
+from thinkvl.rl.losses import LOSSES, get_loss, mirror_descent_stats, tied_groups
 from thinkvl.rl.samplers import SAMPLER_KINDS, build_sampler
 from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
@@ -259,8 +260,22 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
 
 
 def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLConfig, d: D.Dist,
-           loss_fn, n_global: int) -> dict[str, float]:
-    """One optimiser step over this rank's responses (whole groups per micro-batch)."""
+           loss_fn, n_global: int) -> dict[str, float | None]:
+    """One optimiser step over this rank's responses (whole groups per micro-batch), or none at all
+    when the iteration's batch carries no signal.
+
+    No signal: every group on every rank scored its k responses alike (tied total rewards), so
+    every advantage is exactly 0 under both losses (`losses.group_advantages`). The gradient is
+    then rounding noise: the mirror-descent tau term is 0 too while pi_theta = pi_i, which it stays
+    when nothing steps, so every update of the iteration is skipped alike. A skipped update runs no
+    forward or backward and leaves the weights and the optimiser state (AdamW's moments and step
+    count, SGD's momentum) untouched; it returns `update_skipped` 1 and None for what it did not
+    measure. The ranks sum their counts of groups with signal, so they skip together (a rank that
+    skipped alone would leave the others waiting in FSDP's collectives).
+    """
+    signal = D.all_reduce_sum(int((~tied_groups(torch.tensor([r.reward for r in flat]), k)).sum()), d)
+    if signal == 0:
+        return {"loss": None, "grad_norm": None, "entropy": None, "kl": None, "update_skipped": 1}
     per_mb = max(k, (cfg.loss.responses_per_micro_batch // k) * k)
     share_prompt = cfg.loss.share_prompt and uses_varlen(model)
     # Global count each loss divides by (losses.py): responses for mirror descent, response tokens for
@@ -278,7 +293,8 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
             mask[i, : r.length] = 1.0
             ref[i, : r.length] = torch.tensor(r.logprobs[: r.length])
         rewards = torch.tensor([r.reward for r in mb])
-        loss = loss_fn(logp, ref, mask, rewards, k, normalizer=n_norm / d.world)
+        correct = torch.tensor([r.correct for r in mb])  # GRPO scales by its spread, not the reward's
+        loss = loss_fn(logp, ref, mask, rewards, k, normalizer=n_norm / d.world, correct=correct)
         loss.backward()
         total_loss += float(loss.detach())
         ent_sum += float((ent * mask).sum())
@@ -297,6 +313,7 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
            "entropy": D.all_reduce_sum(ent_sum, d) / max(D.all_reduce_sum(ent_n, d), 1)}
     # responses were sampled from pi_i, so minus the mean sequence log-ratio estimates KL(pi_i || pi_theta)
     out["kl"] = -stats_acc.get("log_ratio_mean", 0.0) / max(len(flat), 1)
+    out["update_skipped"] = 0
     return out
 
 
@@ -465,6 +482,10 @@ def train(cfg: RLConfig) -> RunDir:
         with timer("update"):
             for _ in range(cfg.loss.updates_per_iter):
                 upd = update(model, optim, flat, k, loaded, cfg, d, loss_fn, n_global)
+                if upd["update_skipped"]:  # no signal: the policy is still pi_i, so every update would skip
+                    log.info("iteration %d: every group's rewards are tied (all advantages 0): no optimiser step",
+                             it + 1)
+                    break
         train_s = time.perf_counter() - t1
         with timer("sampler_update"):
             rates = [statistics.fmean(r.correct for r in g) for g in rollouts]
@@ -478,8 +499,9 @@ def train(cfg: RLConfig) -> RunDir:
         metrics = {"step": it + 1, **m, **upd, "lr": cfg.loss.lr,
                    "length_weight": length_weight(it, cfg.length_penalty.weight, cfg.length_penalty.warmup_iters),
                    "gen_tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1),
-                   "train_tokens_per_s": round(sum(len(r.prompt_ids) + r.length for r in flat)
-                                               * cfg.loss.updates_per_iter / max(train_s, 1e-9), 1),
+                   "train_tokens_per_s": None if upd["update_skipped"] else
+                   round(sum(len(r.prompt_ids) + r.length for r in flat) * cfg.loss.updates_per_iter
+                         / max(train_s, 1e-9), 1),
                    **{f"sampler/{kk}": v for kk, v in sampler.summary(it).items() if isinstance(v, (int, float))},
                    **timer.pop()}
         guard.check(m, it + 1)

@@ -29,6 +29,7 @@ __all__ = [
     "LOSSES",
     "get_loss",
     "group_advantages",
+    "tied_groups",
     "sequence_logprobs",
     "mirror_descent_loss",
     "mirror_descent_loss_from_advantages",
@@ -75,37 +76,70 @@ def sequence_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(dim=-1)
 
 
-def group_advantages(
-    rewards: Tensor, group_size: int, scale: bool = False, eps: float = GRPO_STD_EPS
-) -> Tensor:
-    """Group-baseline advantages ``A_j = r_j - rbar`` (or ``(r_j - rbar) / (std + eps)``).
+def tied_groups(values: Tensor, group_size: int) -> Tensor:
+    """``[B/k]`` bool: True where the k = ``group_size`` contiguous values of a group are all equal.
 
-    rbar and std are the mean and population standard deviation (``correction=0``, so a group of
-    one is well defined: A = 0) of the k = ``group_size`` contiguous rewards of one prompt.
+    A group whose rewards are tied carries no learning signal: its advantages are exactly 0.
+
+    Raises:
+        ValueError: if ``values`` is not ``[B]`` or B is not a positive multiple of ``group_size``.
+    """
+    if values.dim() != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(values.shape)}")
+    if group_size < 1 or values.shape[0] % group_size != 0:
+        raise ValueError(
+            f"batch size {values.shape[0]} must be a positive multiple of group_size {group_size}"
+        )
+    grouped = values.detach().view(-1, group_size)  # [B/k, k]
+    return grouped.max(dim=1).values == grouped.min(dim=1).values
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    scale: bool = False,
+    eps: float = GRPO_STD_EPS,
+    correct: Tensor | None = None,
+) -> Tensor:
+    """Group-baseline advantages: ``A_j = r_j - rbar``, or with ``scale`` GRPO's scaled form.
+
+    rbar is the mean of the k = ``group_size`` contiguous total rewards r of one prompt; a group
+    whose rewards are all equal gets A = 0 exactly (the float mean of k equal values can be off by
+    an ulp). With ``scale``, c = ``correct`` (the verifier's part of r; default r itself) and
+    std_k(c) its population standard deviation (``correction=0``) within the group::
+
+        A_j = (r_j - rbar) / (std_k(c) + eps)   if the group's c are not all equal
+        A_j =  r_j - rbar                       if they are (every response right, or every one wrong)
+
+    Scaling by the correctness spread, not by that of r, keeps an auxiliary term such as the length
+    reward (r = c + w * len_reward) at its weight w relative to correctness: in a tied group the
+    std of r is the small spread of the w-terms alone, and dividing by it would blow them up to
+    unit scale. Without ``correct`` this is plain GRPO (c = r; a tied group has A = 0).
 
     Args:
         rewards: ``[B]`` total rewards, B a multiple of ``group_size``.
         group_size: k, the number of responses per prompt.
-        scale: divide by ``std + eps`` (GRPO) instead of only subtracting the mean (mirror descent).
-        eps: added to the std; keeps all-equal groups finite (their advantage is then 0).
+        scale: GRPO's scaling (above) instead of only subtracting the mean (mirror descent).
+        eps: added to the std; keeps a group whose c barely differ finite.
+        correct: ``[B]`` correctness part of each reward, used only with ``scale``.
 
     Returns:
         ``[B]`` advantages in the dtype of ``rewards`` (float32 at least).
 
     Raises:
-        ValueError: if ``group_size < 1`` or B is not a multiple of it.
+        ValueError: if ``group_size < 1``, B is not a multiple of it, or ``correct`` is not ``[B]``.
     """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"batch size {rewards.shape[0]} must be a positive multiple of group_size {group_size}"
-        )
+    tied = tied_groups(rewards, group_size).unsqueeze(1)  # [B/k, 1]
     r = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
     grouped = r.view(-1, group_size)  # [B/k, k]
-    adv = grouped - grouped.mean(dim=1, keepdim=True)  # [B/k, k]
+    adv = (grouped - grouped.mean(dim=1, keepdim=True)).masked_fill(tied, 0.0)  # [B/k, k]
     if scale:
-        adv = adv / (grouped.std(dim=1, correction=0, keepdim=True) + eps)
+        if correct is not None and correct.shape != rewards.shape:
+            raise ValueError(f"correct must be [B] = [{rewards.shape[0]}], got {tuple(correct.shape)}")
+        c = r if correct is None else correct.detach().to(r.dtype)
+        c_grouped = c.view(-1, group_size)  # [B/k, k]
+        std = c_grouped.std(dim=1, correction=0, keepdim=True)  # [B/k, 1]
+        adv = torch.where(tied_groups(c, group_size).unsqueeze(1), adv, adv / (std + eps))
     return adv.reshape(-1)  # [B]
 
 
@@ -138,6 +172,7 @@ def mirror_descent_loss(
     group_size: int,
     tau: float,
     normalizer: float | Tensor | None = None,
+    correct: Tensor | None = None,
 ) -> Tensor:
     """Online policy mirror descent surrogate of Kimi k1.5 (RECIPE.md, stage 3).
 
@@ -165,6 +200,8 @@ def mirror_descent_loss(
         tau: KL-regularisation strength (> 0).
         normalizer: divide the summed squares by this instead of B; pass the global number of
             responses of the step when the step is split into micro-batches or across processes.
+        correct: not used; accepted so that every loss takes the same arguments. r - rbar is not
+            rescaled, so no part of the reward needs telling apart.
 
     Returns:
         Scalar loss.
@@ -208,8 +245,7 @@ def mirror_descent_stats(
     token_ratio = torch.where(on, logprobs - ref_logprobs, torch.zeros_like(logprobs))  # [B, T]
     k3 = torch.expm1(token_ratio) - token_ratio  # [B, T], 0 where masked
     n_tokens = on.sum().clamp(min=1)
-    grouped = rewards.float().view(-1, group_size)
-    zero_adv = (grouped.max(dim=1).values == grouped.min(dim=1).values).float()
+    zero_adv = tied_groups(rewards, group_size).float()
     residual = adv.to(d.dtype) - tau * d
     return {
         "log_ratio_mean": d.mean().item(),
@@ -256,10 +292,13 @@ def grpo_loss(
     group_size: int,
     clip_eps: float = 0.2,
     normalizer: float | Tensor | None = None,
+    correct: Tensor | None = None,
 ) -> Tensor:
     """GRPO-style clipped policy gradient, the baseline to compare mirror descent against.
 
-    ``A_j = (r_j - rbar) / (std_k(r) + 1e-4)`` per group (population std), token ratio
+    ``A_j = (r_j - rbar) / (std_k(c) + 1e-4)`` per group, c the correctness part of the reward
+    (population std; ``A_j = r_j - rbar`` where the group's c are all equal:
+    :func:`group_advantages` with ``scale=True``), token ratio
     ``rho_jt = exp(log pi_theta - log pi_old)`` with pi_old = ``ref_logprobs`` (the rollout policy,
     which in this on-policy loop is also pi_i)::
 
@@ -276,11 +315,13 @@ def grpo_loss(
         group_size: k, responses per prompt, contiguous in the batch.
         clip_eps: ratio clip range.
         normalizer: token count to divide by instead of the local one.
+        correct: ``[B]`` verifier part of each reward (r = correct + w * length reward); the
+            scale comes from its spread. None: from the spread of ``rewards`` (plain GRPO).
 
     Returns:
         Scalar loss.
     """
-    advantages = group_advantages(rewards, group_size, scale=True)  # [B]
+    advantages = group_advantages(rewards, group_size, scale=True, correct=correct)  # [B]
     return grpo_loss_from_advantages(
         logprobs, ref_logprobs, mask, advantages, clip_eps, normalizer
     )

@@ -107,7 +107,12 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor],
 
 
 def optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:
-    if not d.enabled:
+    """The optimiser state to checkpoint (full, on CPU, under FSDP2).
+
+    An optimiser that has not stepped yet (RL skips steps without signal) is saved as it is, empty:
+    torch's `get_optimizer_state_dict` would first run a step with zero gradients and lr 0 on it,
+    which sets AdamW's step count to 1 and so shrinks its first real step (bias correction)."""
+    if not d.enabled or not optim.state:
         return optim.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -140,7 +145,7 @@ def load_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, state
             raise ConfigError("model.trainable / model.freeze_*: the checkpoint's optimiser state is for other "
                               "trained parameters than this run's; resume with the same settings or use a new out_dir")
         optim.load_state_dict(state)
-    else:
+    elif state.get("state"):  # an empty state (no step taken yet) leaves this fresh optimiser as it is
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
