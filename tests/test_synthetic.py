@@ -406,3 +406,40 @@ def test_worked_answers_and_teacher_traces_read_right() -> None:
         assert reading_scores(record, worked_response(record)) == (True, True)
         for text in teacher.sample(record, 2):  # caught mistakes included: the repaired row counts
             assert reading_scores(record, text) == (True, True), text
+
+
+def test_brief_answers_by_hand() -> None:
+    from thinkvl.demo.tasks import brief_response
+
+    arith = {"task": "arith", "answer": "10", "meta": {"operands": [3, 4, 2, 1], "operators": ["+", "*", "-"],
+                                                       "expression": "3 + 4 * 2 - 1"}}
+    assert brief_response(arith) == "3 + 4 * 2 - 1 = 3 + 8 - 1 = 11 - 1 = 10. The answer is \\boxed{10}."
+    scene = {"task": "count_color", "answer": "2",
+             "meta": {"grid": [3, 3], "target": {"colors": ["red"]},
+                      "objects": [{"row": 0, "col": 0, "color": "red", "shape": "circle"},
+                                  {"row": 2, "col": 1, "color": "blue", "shape": "square"},
+                                  {"row": 2, "col": 2, "color": "red", "shape": "square"}]}}
+    assert brief_response(scene) == ("Red: row 1 has 1, row 2 has 0, row 3 has 1. There are 2 red shapes. "
+                                     "The answer is \\boxed{2}.")
+    word = {"task": "word", "answer": "6", "meta": {"name": "Dan", "pronoun": "he", "items": "books", "item": "book",
+                                                    "start": 6, "steps": [{"kind": "lose", "n": 4},
+                                                                          {"kind": "bags", "k": 2, "m": 2}]}}
+    assert brief_response(word) == "6 - 4 = 2, 2 + 2 * 2 = 6. Dan has 6 books now. The answer is \\boxed{6}."
+
+
+def test_mixed_answers_work_it_out_when_asked(tmp_path: Path) -> None:
+    from thinkvl.demo.tasks import WORK_IT_OUT, question_text, short_response
+
+    paths = synth(tmp_path, seed=3, n_sft=80, n_rl=0, n_eval=0, answers="mixed")
+    asked = direct = 0
+    for r in read_jsonl(paths["sft"]):
+        answer = r["messages"][-1]["content"]
+        if r["task"] == "describe":
+            assert answer.startswith("Row 1: ")
+        elif question_text(r).endswith(WORK_IT_OUT):
+            asked += 1
+            assert answer != short_response(r) and answer.endswith(f"\\boxed{{{r['answer']}}}.")
+        else:
+            direct += 1
+            assert answer == short_response(r)
+    assert asked > 15 and direct > 15  # about half each

@@ -515,10 +515,15 @@ def brief_response(record: dict[str, Any]) -> str:
     raise ValueError(f"unknown task {task!r}")
 
 
-ANSWER_STYLES: tuple[str, ...] = ("direct", "brief", "worked")
+ANSWER_STYLES: tuple[str, ...] = ("direct", "brief", "worked", "mixed")
 """``direct``: :func:`short_response`. ``brief``: :func:`brief_response`. ``worked``: the program teacher's clean working without
 plan and checks (rows read out, then counted or added; see ``worked_response``). ``describe``
-conversations are read out row by row in both styles."""
+conversations are read out row by row in every style. ``mixed``: half of the problems (by a hash
+of the id) ask to work it out (:data:`WORK_IT_OUT` after the question) and get the worked answer,
+the other half get the direct one: an instruct model that can work a problem out when asked, and
+answers directly when not."""
+
+WORK_IT_OUT = " Work it out step by step."
 
 
 # A row's list ends at its first full stop (counting traces go on after it on the same line).
@@ -569,9 +574,26 @@ def reading_scores(record: dict[str, Any], text: str) -> tuple[bool, bool] | Non
     return got == truth, colours(got) == colours(truth)
 
 
+def _ask_to_work(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with :data:`WORK_IT_OUT` appended to its question."""
+    content = record["messages"][-1]["content"]
+    if isinstance(content, str):
+        content = content + WORK_IT_OUT
+    else:
+        content = [dict(part, text=part["text"] + WORK_IT_OUT) if part.get("type") == "text" else part
+                   for part in content]
+    return dict(record, messages=record["messages"][:-1] + [dict(record["messages"][-1], content=content)])
+
+
 def _with_response(record: dict[str, Any], answers: str = "direct") -> dict[str, Any]:
     # describe is always read out row by row: the row anchors are what made the colours learnable
     # (a plain object list was learnt in 1 run of 5; recipes/demo/grounding.yaml)
+    if answers == "mixed" and record["task"] != "describe":
+        if hashlib.sha256(record["id"].encode()).digest()[0] & 1:
+            record = _ask_to_work(record)
+            answers = "worked"
+        else:
+            answers = "direct"
     if answers == "worked" or record["task"] == "describe":
         from thinkvl.demo.teacher import worked_response  # distill depends on data
 
