@@ -100,7 +100,8 @@ def test_greedy_batched_equals_alone_and_hf_generate(loaded, prompts):
         alone = alone_engine.generate([p], n=1, sampling=GREEDY)[0][0]
         for r in group:
             assert r.response_ids == alone.response_ids
-            assert r.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+            # float32 sums in another order (batch of 8 vs 1): 1.2e-5 seen with transformers 5.25
+            assert r.logprobs == pytest.approx(alone.logprobs, abs=3e-5)
             assert r.finished == (r.response_ids[-1] in engine.stop_ids) and r.truncated != r.finished
     # Same as transformers' own greedy decoding, for a text and an image prompt.
     for k in (0, 2):
