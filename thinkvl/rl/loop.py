@@ -271,7 +271,8 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
     forward or backward and leaves the weights and the optimiser state (AdamW's moments and step
     count, SGD's momentum) untouched; it returns `update_skipped` 1 and None for what it did not
     measure. The ranks sum their counts of groups with signal, so they skip together (a rank that
-    skipped alone would leave the others waiting in FSDP's collectives).
+    skipped alone would leave the others waiting in FSDP's collectives). The iteration still counts
+    (checkpoint step, sampler statistics); RL's learning rate is constant, so no schedule shifts.
     """
     signal = D.all_reduce_sum(int((~tied_groups(torch.tensor([r.reward for r in flat]), k)).sum()), d)
     if signal == 0:
