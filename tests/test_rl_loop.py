@@ -60,6 +60,10 @@ def contains_reference(response: str, reference: str) -> float:
 def never(response: str, reference: str) -> float:
     """0 for every response: every group is tied."""
     return 0.0
+
+
+def broken(response: str, reference: str) -> float:
+    raise KeyError("a field the verifier expected")
 '''
 
 
@@ -124,6 +128,14 @@ def test_short_run_raises_reward(toy, tmp_path):
     assert first < 0.3  # the random model rarely says 7 ...
     assert last > 0.8 and last - first > 0.5  # ... and RL teaches it to
     assert (run.final_dir / "model.safetensors").is_file()
+    assert [m["verifier_failures"] for m in metrics(run.path)] == [0] * 15
+
+
+def test_verifier_failures_are_in_the_metrics(toy, tmp_path):
+    # A verifier that raises scores 0 (safe_score), and the metrics say so: 4 prompts x 8 responses.
+    run = train(rl_config(toy, tmp_path / "run", iterations=2, verifier=f"{VERIFIER_MODULE}:broken"))
+    assert [m["verifier_failures"] for m in metrics(run.path)] == [32, 32]
+    assert [m["accuracy"] for m in metrics(run.path)] == [0.0, 0.0]
 
 
 # --- resume equals uninterrupted -----------------------------------------------------------

@@ -21,6 +21,11 @@ They are safe on hostile input from any thread, in three layers:
    main thread, and a thread cannot stop one long C call holding the GIL; killing a process can.
    If helper processes cannot be started, checks fall back to an in-thread deadline.
 
+The helpers belong to one process: a child made by ``fork`` (multiprocessing's default on Linux,
+DataLoader workers) starts its own on its first check, never the parent's. A check that could not
+be made (past its budget, a helper that died) scores 0, so hostile input cannot win, but is
+counted in ``verifier_failures()`` and logged: a broken set-up must not pass for a wrong model.
+
 Your own verifier
 -----------------
 Write a function in your own module and name it as ``"package.module:function"`` in the recipe::
@@ -35,7 +40,8 @@ Write a function in your own module and name it as ``"package.module:function"``
     # recipe.yaml:   verifier: my_project.checks:chemistry
 
 ``get_verifier`` imports it; callers score through ``safe_score``, which turns an exception or a
-run past ``timeout_s`` into 0.0, so a buggy user verifier cannot stall the RL loop.
+run past ``timeout_s`` into 0.0 (counted and logged), so a buggy user verifier cannot stall the
+RL loop.
 """
 
 from __future__ import annotations
@@ -373,6 +379,45 @@ def _operand_before(expr: str, end: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Failures: a check that could not be made scores 0 (hostile input must not win), but is counted
+# and logged, so a broken set-up cannot pass for a model that answers wrong
+# ---------------------------------------------------------------------------------------------
+
+FAILURE_KINDS = (
+    "sympy_timeout",  # a sympy check ran past SYMPY_TIMEOUT_S: its helper was killed, scored 0
+    "helper_exited",  # a helper process died during a check: scored 0
+    "helper_start",  # no helper could start: checks run in this process from then on
+    "in_thread_timeout",  # such an in-process check ran past SYMPY_TIMEOUT_S: scored 0
+    "verifier_timeout",  # safe_score: the verifier ran past timeout_s, scored 0
+    "verifier_error",  # safe_score: the verifier raised, scored 0
+)
+_failures = dict.fromkeys(FAILURE_KINDS, 0)
+_failures_lock = threading.Lock()
+
+
+def verifier_failures() -> dict[str, int]:
+    """Checks in this process (since it started or was forked) that were not made as asked,
+    by kind (see ``FAILURE_KINDS``). All zero in a healthy run."""
+    with _failures_lock:
+        return dict(_failures)
+
+
+def _count_failure(kind: str, message: str, *args: object) -> None:
+    """Count one failure; log the 1st, 2nd, 4th, 8th, ... of each kind (seen, without a flood)."""
+    with _failures_lock:
+        _failures[kind] += 1
+        count = _failures[kind]
+    if count & (count - 1) == 0:
+        logger.warning(f"{message} [{kind} #{count} in this process; verifier_failures()]", *args)
+
+
+def _preview(text: object, chars: int = 60) -> str:
+    """A short, quoted excerpt of an input for a log line (an input may be megabytes long)."""
+    text = text if isinstance(text, str) else repr(text)
+    return repr(text if len(text) <= chars else text[:chars] + "...")
+
+
+# ---------------------------------------------------------------------------------------------
 # Deadline that works from any thread
 # ---------------------------------------------------------------------------------------------
 
@@ -381,8 +426,13 @@ class _DeadlineExceeded(BaseException):
     """Raised inside an abandoned worker; a BaseException so ``except Exception`` cannot eat it."""
 
 
-def _run_with_deadline(fn: Callable[[], T], timeout_s: float, default: T) -> T:
-    """``fn()`` in a daemon thread; ``default`` if it raises or is still running after timeout_s.
+class _Overran(TimeoutError):
+    """What ``_run_with_deadline`` reports for a call still running at its deadline."""
+
+
+def _run_with_deadline(fn: Callable[[], T], timeout_s: float) -> tuple[T | None, Exception | None]:
+    """``(fn(), None)``; ``(None, error)`` if ``fn`` raised, or ``(None, _Overran)`` if it was still
+    running after ``timeout_s``.
 
     Unlike ``signal.alarm`` this works from any thread. A late worker is sent an asynchronous
     exception so pure-Python work stops instead of burning a core; a single long C call holding
@@ -390,20 +440,27 @@ def _run_with_deadline(fn: Callable[[], T], timeout_s: float, default: T) -> T:
     sympy in helper processes instead.
     """
     result: list[T] = []
+    errors: list[Exception] = []
 
     def target() -> None:
         try:
             result.append(fn())
-        except BaseException:  # noqa: BLE001 - any failure of a verifier is a score of 0
+        except _DeadlineExceeded:  # sent after the caller gave up: nobody is listening
             pass
+        except BaseException as err:  # noqa: BLE001 - a verifier's SystemExit too
+            # Without its traceback: that would hold this frame, and the frame this list (a cycle).
+            errors.append(err.with_traceback(None) if isinstance(err, Exception)
+                          else RuntimeError(repr(err)))
 
     worker = threading.Thread(target=target, name="thinkvl-verifier", daemon=True)
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
         _interrupt(worker)
-        return default
-    return result[0] if result else default
+        return None, _Overran(f"still running after {timeout_s:g} s")
+    if errors:
+        return None, errors[0]
+    return result[0], None
 
 
 def _interrupt(worker: threading.Thread) -> None:
@@ -482,10 +539,17 @@ _WORKER_BOOT = (
 )
 
 
+_WARM_UP = ("\\frac{x^2-1}{2}", "(x-1)(x+1)/2")
+
+
 def _serve() -> None:
     """Helper-process loop: one JSON ``[answer, reference]`` per stdin line -> "1" or "0"."""
     _limit_worker_resources()
     replies, sys.stdout = sys.stdout, sys.stderr  # a library print must not corrupt replies
+    try:  # sympy's first symbolic check sets up caches and lazy imports (~1 s, more under load):
+        _sympy_equivalent(*_WARM_UP)  # paid here, in the start-up wait, not in a check's budget
+    except Exception:  # noqa: BLE001 - a failed warm-up only makes the first check slower
+        pass
     print("ready", file=replies, flush=True)
     for line in sys.stdin:
         answer, reference = json.loads(line)
@@ -570,10 +634,16 @@ class _SympyWorker:
 class _SympyPool:
     """Up to ``size`` helper processes, started on first use. A check that overruns kills its
     helper, and a replacement starts importing at once. If helpers cannot run at all (no
-    subprocesses, no ``select`` on pipes), checks fall back to an in-thread deadline."""
+    subprocesses, no ``select`` on pipes), checks fall back to an in-thread deadline.
+
+    Fork-safe: a child made by ``fork`` starts over with no helpers and fresh locks
+    (``_after_fork_in_child``), and builds its own helpers on its first check."""
 
     def __init__(self, size: int) -> None:
+        self._size = size
+        self._workers: set[_SympyWorker] = set()  # every live helper of this process, idle or busy
         self._idle: list[_SympyWorker] = []
+        self._inherited: list[_SympyWorker] = []  # the parent's, after a fork: never touched
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(size)
         self._broken = sys.platform == "win32"
@@ -588,19 +658,36 @@ class _SympyPool:
         with self._slots:
             worker = None if self._broken else self._take()
             if worker is None:  # helpers cannot run here
-                return _run_with_deadline(
-                    lambda: _sympy_equivalent(answer, reference), SYMPY_TIMEOUT_S, False
-                )
-            discard = False
+                return self._in_thread(answer, reference)
+            verdict, failure = None, None
             try:
-                return bool(worker.equivalent(answer, reference, SYMPY_TIMEOUT_S))
+                verdict = worker.equivalent(answer, reference, SYMPY_TIMEOUT_S)
             except (_WorkerDied, OSError, ValueError) as err:
-                if not worker.started:  # helpers do not work here at all
-                    discard = True
-                    self._give_up(err)
-                return False  # a helper that crashed on this input: a "no"
+                failure = f"{type(err).__name__}: {err}"  # text: the error would pin this frame
+                if not worker.started:
+                    self._give_up(failure)  # before the release below: it starts no replacement
             finally:
-                self._release(worker, discard)
+                self._release(worker, discard=failure is not None and not worker.started)
+        if failure is not None and not worker.started:
+            return self._in_thread(answer, reference)  # this check is still made, here
+        if failure is not None:
+            _count_failure("helper_exited", "a sympy helper died while checking %s against %s "
+                           "(%s): scored 0", _preview(answer), _preview(reference), failure)
+            return False
+        if verdict is None:
+            _count_failure("sympy_timeout", "sympy check of %s against %s ran past %g s: "
+                           "scored 0", _preview(answer), _preview(reference), SYMPY_TIMEOUT_S)
+            return False
+        return verdict
+
+    @staticmethod
+    def _in_thread(answer: str, reference: str) -> bool:
+        verdict, error = _run_with_deadline(lambda: _sympy_equivalent(answer, reference),
+                                            SYMPY_TIMEOUT_S)
+        if isinstance(error, _Overran):
+            _count_failure("in_thread_timeout", "in-process sympy check of %s against %s ran past "
+                           "%g s: scored 0", _preview(answer), _preview(reference), SYMPY_TIMEOUT_S)
+        return bool(verdict)  # sympy raising on an input is a "no", as in a helper
 
     def _take(self) -> _SympyWorker | None:
         with self._lock:
@@ -615,30 +702,58 @@ class _SympyPool:
         with self._lock:
             if keep:
                 self._idle.append(worker)
-            elif not self._broken and not self._idle:
+                return
+            self._workers.discard(worker)
+            if not self._broken and not self._idle:
                 self._spawn_idle()  # the replacement imports sympy while the caller moves on
 
     def _spawn_idle(self) -> None:
         """Call with ``_lock`` held."""
         try:
-            self._idle.append(_SympyWorker())
+            worker = _SympyWorker()
         except OSError as err:
             self._give_up(err)
+            return
+        self._workers.add(worker)
+        self._idle.append(worker)
 
-    def _give_up(self, err: BaseException) -> None:
+    def _give_up(self, err: BaseException | str) -> None:
         if not self._broken:
-            logger.warning("no sympy helper processes (%s): using in-thread deadlines", err)
+            _count_failure("helper_start", "no sympy helper processes (%s): checks run in this "
+                           "process under an in-thread deadline from now on", err)
         self._broken = True
+
+    def _after_fork_in_child(self) -> None:
+        """In a child made by ``fork``: drop the parent's helpers and locks; start over lazily.
+
+        The helpers are the parent's: their pipes are shared with it (two processes on one pipe
+        read each other's replies) and their start-up threads were not copied. A lock held by a
+        thread of the parent at the fork stays held here forever. The parent's worker objects
+        are kept, never used, so that no finaliser of ours closes or waits on what it owns.
+        """
+        self._inherited.extend(self._workers)
+        self._workers, self._idle = set(), []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self._size)
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
-        for worker in idle:
+            workers, self._workers, self._idle = self._workers, set(), []
+        for worker in workers:
             worker.close()
+
+
+def _after_fork_in_child() -> None:
+    global _failures_lock
+    _failures_lock = threading.Lock()
+    _failures.update(dict.fromkeys(FAILURE_KINDS, 0))
+    _SYMPY_POOL._after_fork_in_child()
 
 
 _SYMPY_POOL = _SympyPool(size=min(4, os.cpu_count() or 1))
 atexit.register(_SYMPY_POOL.close)
+if hasattr(os, "register_at_fork"):  # POSIX; spawned children import this module afresh
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,17 +869,23 @@ def safe_score(
 ) -> float:
     """``verifier(response, reference)`` clamped to [0, 1]; 0.0 on any exception or after timeout_s.
 
-    Safe from any thread. Limits: a user verifier stuck in one long C call that holds the GIL
+    Safe from any thread. A 0 for an exception or a timeout is counted in ``verifier_failures()``
+    and logged. Limits: a user verifier stuck in one long C call that holds the GIL
     (e.g. ``9**9**9**9``) delays the return until that call ends (the built-ins avoid this by
     running sympy in helper processes). The first sympy check of a process waits for a helper to
     import sympy (about a second; ``get_verifier`` starts one early): if that takes longer than
-    ``timeout_s``, that first score is 0.
+    ``timeout_s``, that first score is 0 (a counted ``verifier_timeout``).
     """
-    score = _run_with_deadline(lambda: verifier(response, reference), timeout_s, 0.0)
+    score, error = _run_with_deadline(lambda: verifier(response, reference), timeout_s)
     try:
-        value = float(score)
-    except (TypeError, ValueError, OverflowError):
-        return 0.0
+        value = math.nan if error is not None else float(score)
+    except (TypeError, ValueError, OverflowError) as err:
+        value, error = math.nan, err.with_traceback(None)
     if math.isnan(value):
+        kind = "verifier_timeout" if isinstance(error, _Overran) else "verifier_error"
+        why = f"{type(error).__name__}: {error}" if error is not None else "returned NaN"
+        _count_failure(kind, "verifier %s on response %s, reference %s: %s; scored 0",
+                       getattr(verifier, "__qualname__", repr(verifier)), _preview(response),
+                       _preview(reference), why)
         return 0.0
     return min(1.0, max(0.0, value))

@@ -40,7 +40,7 @@ from thinkvl.models.attention import uses_varlen
 from thinkvl.models.forward import token_logprobs
 from thinkvl.models.load import Loaded, load
 from thinkvl.rewards.length import group_length_rewards, length_weight
-from thinkvl.rewards.verifiers import format_ok, get_verifier, safe_score
+from thinkvl.rewards.verifiers import format_ok, get_verifier, safe_score, verifier_failures
 from thinkvl.rl.losses import LOSSES, get_loss, mirror_descent_stats, tied_groups
 from thinkvl.rl.samplers import SAMPLER_KINDS, build_sampler
 from thinkvl.rollout.engine import SamplingParams
@@ -474,8 +474,10 @@ def train(cfg: RLConfig) -> RunDir:
             rollouts = engine.generate([prompts[i] for i in mine], k, sampling)
         gen_s = time.perf_counter() - t0
         model.train()
+        failed = sum(verifier_failures().values())
         with timer("score"):
             score(rollouts, [problems[i] for i in mine], verifier, cfg.length_penalty, it)
+        failed = sum(verifier_failures().values()) - failed  # on this rank: scored 0 unjudged (logged)
         flat = [r for g in rollouts for r in g]
         check_no_banned(flat, banned)
         n_global = int(D.all_reduce_sum(len(flat), d))
@@ -497,7 +499,7 @@ def train(cfg: RLConfig) -> RunDir:
             tag_dicts = [tagger(problems[i], r.response_text) for i, g in zip(mine, rollouts) for r in g]
             m.update({f"tags/{name}": share for name, share in tag_shares(tag_dicts).items()})
         n_tok = sum(r.length for r in flat)
-        metrics = {"step": it + 1, **m, **upd, "lr": cfg.loss.lr,
+        metrics = {"step": it + 1, **m, **upd, "lr": cfg.loss.lr, "verifier_failures": failed,
                    "length_weight": length_weight(it, cfg.length_penalty.weight, cfg.length_penalty.warmup_iters),
                    "gen_tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1),
                    "train_tokens_per_s": None if upd["update_skipped"] else
