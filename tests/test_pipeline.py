@@ -162,10 +162,11 @@ def test_report_has_a_row_per_evaluated_stage(pipe):
     assert [r.split("|")[1].strip() for r in table_rows] == [DIRS["joint_sft"], DIRS["rl"]]
     for name, row in zip(("joint_sft", "rl"), table_rows):
         overall = json.loads((pipe["dir"] / DIRS[name] / "eval" / "summary.json").read_text())["overall"]
-        assert row.startswith(f"| {DIRS[name]} | {100 * overall['greedy_pass@1']:.1f}% | "
-                              f"{100 * overall['pass@k']:.1f}% |")
+        assert row.startswith(f"| {DIRS[name]} | {100 * overall['greedy_pass@1']:.1f}% ± "
+                              f"{100 * overall['greedy_pass@1_se']:.1f} | {100 * overall['avg@n']:.1f}% ± "
+                              f"{100 * overall['avg@n_se']:.1f} | {100 * overall['pass@k']:.1f}% |")
         assert f"| {overall['mean_length']:.1f} |" in row
-    assert "| stage | greedy acc | pass@1 |" in text
+    assert "| stage | greedy acc | avg@1 | pass@1 |" in text
 
 
 # --- re-runs --------------------------------------------------------------------------------
