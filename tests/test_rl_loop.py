@@ -64,6 +64,11 @@ def never(response: str, reference: str) -> float:
 
 def broken(response: str, reference: str) -> float:
     raise KeyError("a field the verifier expected")
+
+
+def says_seven(problem: dict, response: str) -> dict:
+    """A tagger: does the response say 7?"""
+    return {"says7": "7" in response}
 '''
 
 
@@ -136,6 +141,13 @@ def test_verifier_failures_are_in_the_metrics(toy, tmp_path):
     run = train(rl_config(toy, tmp_path / "run", iterations=2, verifier=f"{VERIFIER_MODULE}:broken"))
     assert [m["verifier_failures"] for m in metrics(run.path)] == [32, 32]
     assert [m["accuracy"] for m in metrics(run.path)] == [0.0, 0.0]
+
+
+def test_rollout_tagger_logs_behaviour_shares(toy, tmp_path):
+    run = train(rl_config(toy, tmp_path / "run", iterations=2, rollout_tagger=f"{VERIFIER_MODULE}:says_seven"))
+    for m in metrics(run.path):
+        # the toy verifier pays exactly the responses that say 7, so the tag's share is the accuracy
+        assert m["tags/says7"] == pytest.approx(m["accuracy"])
 
 
 # --- resume equals uninterrupted -----------------------------------------------------------
