@@ -1,7 +1,7 @@
 """Entry point for test_rl_loop's multi-process checks.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py update MODEL OUT_JSON
-    python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py train MODEL PROBLEMS OUT_DIR VERIFIER
+    python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py train MODEL PROBLEMS OUT_DIR VERIFIER [PRECISION]
 
 update: one RL `update` on a fixed batch (`run_update` is also called in-process for 1 process).
 Every rank loads the same model and samples the same rollouts with a fixed seed *before* sharding
@@ -84,12 +84,13 @@ def run_update(model_dir: str, tau: float = 0.5, lr: float = 1.0) -> tuple[dict,
     return out, sd
 
 
-def run_train(model_dir: str, problems: str, out_dir: str, verifier: str) -> None:
+def run_train(model_dir: str, problems: str, out_dir: str, verifier: str, precision: str = "fp32") -> None:
     """A short `train` run: 2 prompts x 2 responses per rank, 2 generation chunks, 2 micro-batches."""
     from thinkvl.rl.loop import train
 
     cfg = RLConfig()
     cfg.model.path = model_dir
+    cfg.model.precision = precision
     cfg.data.problems = problems
     cfg.verifier = verifier
     cfg.rollout.prompts_per_iter, cfg.rollout.k, cfg.rollout.max_new_tokens = 4, 2, 8
@@ -104,7 +105,7 @@ def run_train(model_dir: str, problems: str, out_dir: str, verifier: str) -> Non
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        run_train(*sys.argv[2:6])
+        run_train(*sys.argv[2:7])
     else:
         model_dir, out_json = sys.argv[2:4]
         metrics, state = run_update(model_dir)

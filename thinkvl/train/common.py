@@ -17,6 +17,7 @@ import torch
 from thinkvl.config import ConfigError, save_config
 from thinkvl.models.load import Loaded
 from thinkvl.train import distributed as D
+from thinkvl.train.precision import export_state, write_config_dtype
 
 log = logging.getLogger("thinkvl")
 
@@ -28,7 +29,14 @@ class ModelConfig:
     """Which model to train and how each part of it trains."""
 
     path: str = "tiny"  # `tiny` (built in), a local folder, or a hub id already in the HF cache
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype
+    # The checkpoint's dtype: weights are read in it and final/ is written in it (`auto`: the
+    # checkpoint's own, float32 for `tiny`). What training keeps and computes in is `precision`.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # fp32 (weights, optimiser state and compute in float32) | bf16_mixed (float32 master weights and
+    # optimiser state, bfloat16 compute: autocast in one process, FSDP2 MixedPrecisionPolicy under
+    # torchrun) | bf16_pure (bfloat16 weights and optimiser state, no master copy: updates below
+    # ~1/256 of a weight are lost; an explicit opt-in). See thinkvl/train/precision.py.
+    precision: Literal["fp32", "bf16_mixed", "bf16_pure"] = "fp32"
     trust_remote_code: bool = False  # run code shipped with a checkpoint (off unless you trust it)
     # LM attention: varlen (SDPA per packed example: exact, no cross-example work) | sdpa | eager |
     # flash_attention_2 | flash_attention_3 | flex_attention
@@ -259,11 +267,16 @@ class RunDir:
         set_rng_state(state["rng"])
         return state
 
-    def export(self, loaded: Loaded, model) -> Path:
-        """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl."""
+    def export(self, loaded: Loaded, model, dtype: torch.dtype | None = None) -> Path:
+        """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl;
+        floating-point weights in `dtype` (the checkpoint's own) when given."""
         sd = D.full_state_dict(model, self.d)
         if self.d.main:
+            if dtype is not None:
+                sd = export_state(sd, dtype)
             loaded.model.save_pretrained(self.final_dir, state_dict=sd)
+            if dtype is not None:  # save_pretrained recorded the trained copy's dtype
+                write_config_dtype(loaded.model.config, dtype, self.final_dir)
             loaded.processor.save_pretrained(self.final_dir)
         D.barrier(self.d)
         return self.final_dir
