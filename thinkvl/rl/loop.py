@@ -46,6 +46,7 @@ from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
 from thinkvl.rollout.types import Rollout
 from thinkvl.train import distributed as D
+from thinkvl.train import lora as lora_
 from thinkvl.train import precision as P
 from thinkvl.train.common import OPTIMIZERS, ModelConfig, RunDir, Timer, make_optimizer, param_groups, set_lr
 
@@ -386,6 +387,8 @@ def train(cfg: RLConfig) -> RunDir:
                   cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed)
     ckpt_dtype = P.prepare(loaded.model, cfg.model.precision)
     cfg.model.dtype = str(ckpt_dtype).removeprefix("torch.")  # `auto` resolved, as final/ is written
+    if cfg.model.lora is not None:
+        run.lora = lora_.attach(loaded.model, cfg.model.lora)  # in place: loaded.model gets the adapters
     run.save_config(cfg)
     model = loaded.model.to(d.device)
     model.train()

@@ -17,6 +17,8 @@ import torch
 from thinkvl.config import ConfigError, save_config
 from thinkvl.models.load import Loaded
 from thinkvl.train import distributed as D
+from thinkvl.train import lora as lora_
+from thinkvl.train.lora import LoraSettings
 from thinkvl.train.precision import export_state, write_config_dtype
 
 log = logging.getLogger("thinkvl")
@@ -53,6 +55,9 @@ class ModelConfig:
     lr_mult_projector: float = 1.0  # of the projector
     lr_mult_lm: float = 1.0  # of the language model
     gradient_checkpointing: bool = False  # recompute activations in the backward pass to save memory
+    # LoRA adapters through peft ({rank, alpha, dropout, target_modules}; thinkvl/train/lora.py): only
+    # the adapters train; unset: full fine-tuning
+    lora: LoraSettings | None = None
     seed: int = 0  # initialisation seed of the built-in tiny model
 
     def check(self, prefix: str) -> None:
@@ -177,6 +182,7 @@ class RunDir:
         self.ckpt_dir = self.path / "checkpoints"
         self.final_dir = self.path / "final"
         self._backends: list = []
+        self.lora = None  # the PeftModel when model.lora is set: checkpoints keep only the adapters
         if d.main:
             self.path.mkdir(parents=True, exist_ok=True)
             # One run's log file at a time: a later run in the same process (pipeline stages, tests)
@@ -238,6 +244,8 @@ class RunDir:
     def save_checkpoint(self, step: int, model, optim, state: dict, keep: int = 2) -> None:
         """Model, optimiser, trainer state (data position, sampler, RNG); written atomically."""
         model_sd = D.full_state_dict(model, self.d)
+        if self.lora is not None:  # the base weights never change
+            model_sd = lora_.adapter_state(model_sd)
         optim_sd = D.optim_state(model, optim, self.d)
         if self.d.main:
             tmp = self.ckpt_dir / f".tmp-step-{step}"
@@ -261,7 +269,8 @@ class RunDir:
         D.barrier(self.d)
 
     def load_checkpoint(self, path: Path, model, optim) -> dict:
-        D.load_full_state_dict(model, torch.load(path / "model.pt", weights_only=True), self.d)
+        D.load_full_state_dict(model, torch.load(path / "model.pt", weights_only=True), self.d,
+                               strict=self.lora is None)
         D.load_optim_state(model, optim, torch.load(path / "optim.pt", weights_only=False), self.d)
         state = torch.load(path / "trainer.pt", weights_only=False)
         set_rng_state(state["rng"])
@@ -269,9 +278,13 @@ class RunDir:
 
     def export(self, loaded: Loaded, model, dtype: torch.dtype | None = None) -> Path:
         """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl;
-        floating-point weights in `dtype` (the checkpoint's own) when given."""
+        floating-point weights in `dtype` (the checkpoint's own) when given. With LoRA: the merged
+        model, and the adapter in final/adapter/."""
         sd = D.full_state_dict(model, self.d)
         if self.d.main:
+            if self.lora is not None:
+                lora_.save_adapter(self.lora, sd, self.final_dir / "adapter")
+                sd = lora_.merged_state(sd, lora_.scalings(model))
             if dtype is not None:
                 sd = export_state(sd, dtype)
             loaded.model.save_pretrained(self.final_dir, state_dict=sd)

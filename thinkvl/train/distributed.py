@@ -100,13 +100,16 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist) -> None:
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist, strict: bool = True) -> None:
+    """`strict=False`: `state` holds only some of the weights (LoRA adapters); the rest stay."""
     if not d.enabled:
-        model.load_state_dict(state)
+        result = model.load_state_dict(state, strict=strict)
+        if result.unexpected_keys:
+            raise ValueError(f"the checkpoint holds weights this model lacks: {result.unexpected_keys[:3]}")
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:

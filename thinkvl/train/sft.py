@@ -32,6 +32,7 @@ from thinkvl.data.packing import bfd_pack, collate_rows
 from thinkvl.models.forward import token_logprobs
 from thinkvl.models.load import Loaded, load
 from thinkvl.train import distributed as D
+from thinkvl.train import lora as lora_
 from thinkvl.train import precision as P
 from thinkvl.train.common import ModelConfig, RunDir, Timer, adamw, param_groups, set_lr
 from thinkvl.train.schedule import Segment, lr_at
@@ -310,10 +311,14 @@ def train(cfg: SFTConfig) -> RunDir:
                   cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed)
     ckpt_dtype = P.prepare(loaded.model, cfg.model.precision)
     cfg.model.dtype = str(ckpt_dtype).removeprefix("torch.")  # `auto` resolved, as final/ is written
+    if cfg.model.lora is not None:
+        run.lora = lora_.attach(loaded.model, cfg.model.lora)  # in place: loaded.model gets the adapters
     run.save_config(cfg)
     model = loaded.model.to(d.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if run.lora is not None:  # frozen embeddings: recomputed blocks must still pass gradients on
+            model.enable_input_require_grads()
     model.train()
 
     examples, source_of, stats = load_mixture(cfg.data, loaded)
