@@ -140,3 +140,18 @@ def test_rl_with_lora_references_the_adapted_policy(toy, tmp_path):
     print(f"kl per iteration {kls}; merged weights moved by up to {moved:.2e}")
     assert moved > 1e-2 and all(abs(k) < 1e-4 for k in kls)
     assert (run.final_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_over_a_bf16_base_trains_fp32_adapters(tiny_dir, sft_data, tmp_path):
+    """bf16_pure with LoRA in one process: the frozen base stays bf16, the adapters (all that trains,
+    and all the optimiser holds) are float32; under torchrun FSDP2 needs one dtype per block."""
+    from thinkvl.models.load import load
+    from thinkvl.train.lora import attach
+
+    lora_sft(tiny_dir, sft_data, tmp_path / "run", steps=2, **{"model.precision": "bf16_pure"})
+    adapters = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "model.pt", weights_only=True)
+    optim_sd = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "optim.pt", weights_only=False)
+    assert {v.dtype for v in adapters.values()} == {torch.float32}
+    assert {st["exp_avg"].dtype for st in optim_sd["state"].values()} == {torch.float32}
+    with pytest.raises(ConfigError, match=r"^model\.precision: bf16_pure with model\.lora under torchrun"):
+        attach(load(str(tiny_dir)).model, LoraSettings(), "bf16_pure", world=2)

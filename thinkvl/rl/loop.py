@@ -388,7 +388,7 @@ def train(cfg: RLConfig) -> RunDir:
     ckpt_dtype = P.prepare(loaded.model, cfg.model.precision)
     cfg.model.dtype = str(ckpt_dtype).removeprefix("torch.")  # `auto` resolved, as final/ is written
     if cfg.model.lora is not None:
-        run.lora = lora_.attach(loaded.model, cfg.model.lora)  # in place: loaded.model gets the adapters
+        run.lora = lora_.attach(loaded.model, cfg.model.lora, cfg.model.precision, d.world)  # in place: loaded.model gets the adapters
     run.save_config(cfg)
     model = loaded.model.to(d.device)
     model.train()

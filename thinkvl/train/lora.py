@@ -52,9 +52,16 @@ class LoraSettings:
                               "language model's projections")
 
 
-def attach(model: torch.nn.Module, cfg: LoraSettings):
+def attach(model: torch.nn.Module, cfg: LoraSettings, precision: str = "fp32", world: int = 1):
     """Inject LoRA layers into `model` in place (its other weights frozen); returns the PeftModel
-    around it, which knows how to save the adapter."""
+    around it, which knows how to save the adapter.
+
+    peft keeps adapters in float32 over a bf16 base (`bf16_pure`: bf16 frozen weights, fp32
+    adapters, the leanest setup in one process); FSDP2 needs one dtype per sharded block, so under
+    torchrun that combination is refused."""
+    if precision == "bf16_pure" and world > 1:
+        raise ConfigError("model.precision: bf16_pure with model.lora under torchrun would shard bf16 base weights "
+                          "with float32 adapters in one FSDP2 block (it needs one dtype); use bf16_mixed")
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

@@ -8,7 +8,8 @@ forward/backward computes in (`model.precision`).
   all-gathers bf16 copies for the forward/backward, and reduce-scatters gradients in fp32.
 - `bf16_pure`: the weights and AdamW's moments themselves in bfloat16, no master copy. An update
   smaller than about 2^-8 of a weight rounds away (at lr 2e-6 most weights never change), so this
-  is an explicit opt-in for memory experiments, never a default.
+  is an explicit opt-in for memory experiments, never a default. With `model.lora` in one process
+  it is the lean choice: the frozen base in bf16, peft's adapters (all that trains) in float32.
 
 The checkpoint's own dtype (`model.dtype`) is only how weights are read and how `final/` is
 written; the trained copy is cast to `param_dtype(precision)` after loading.
