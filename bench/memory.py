@@ -103,7 +103,7 @@ def main() -> None:
         model_dir, data, n, arch = build(a.model, root)
         report = root / "report"
         args = [str(model_dir), str(data), str(root / "run"), str(a.length), str(a.steps), str(report)]
-        code = f"import sys; from bench.memory import _child; _child(*sys.argv[1:3], sys.argv[3], *map(int, sys.argv[4:6]), sys.argv[6])"
+        code = "import sys; from bench.memory import _child; _child(*sys.argv[1:3], sys.argv[3], *map(int, sys.argv[4:6]), sys.argv[6])"
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TMPDIR=tmp)
         if a.procs == 1:
             cmd = [sys.executable, "-c", code, *args]
