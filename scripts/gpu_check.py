@@ -127,7 +127,9 @@ def logprobs(model_dir: Path, data: Path, device: torch.device) -> dict:
     from thinkvl.models.forward import token_logprobs
     from thinkvl.models.load import load
 
-    conversations = [json.loads(ln)["messages"] for ln in data.read_text().splitlines()[:6]]
+    from thinkvl.data.formats import read_records
+
+    conversations = [r["messages"] for r in read_records(str(data), "conversation", limit=6)]  # images resolved
     ref_loaded = load(str(model_dir))
     batch = packed_batch(ref_loaded, conversations)
     with torch.no_grad():
