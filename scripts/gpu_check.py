@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.util
 
     attn = "flash_attention_2" if not a.cpu and importlib.util.find_spec("flash_attn") else "varlen"
-    from thinkvl.data.synthetic import synth
+    from thinkvl.demo.tasks import synth
     from thinkvl.models.tiny import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
