@@ -1,7 +1,7 @@
 """Entry point for test_rl_loop's multi-process checks.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py update MODEL OUT_JSON
-    python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py train MODEL PROBLEMS OUT_DIR VERIFIER
+    python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py train MODEL PROBLEMS OUT_DIR VERIFIER [PRECISION]
     python -m torch.distributed.run --nproc_per_node 2 tests/_dist_rl.py skip MODEL OUT_JSON
 
 update: one RL `update` on a fixed batch (`run_update` is also called in-process for 1 process).
@@ -135,12 +135,13 @@ def run_skip(model_dir: str) -> list[dict]:
     return out
 
 
-def run_train(model_dir: str, problems: str, out_dir: str, verifier: str) -> None:
+def run_train(model_dir: str, problems: str, out_dir: str, verifier: str, precision: str = "fp32") -> None:
     """A short `train` run: 2 prompts x 2 responses per rank, 2 generation chunks, 2 micro-batches."""
     from thinkvl.rl.loop import train
 
     cfg = RLConfig()
     cfg.model.path = model_dir
+    cfg.model.precision = precision
     cfg.data.problems = problems
     cfg.verifier = verifier
     cfg.rollout.prompts_per_iter, cfg.rollout.k, cfg.rollout.max_new_tokens = 4, 2, 8
@@ -155,7 +156,7 @@ def run_train(model_dir: str, problems: str, out_dir: str, verifier: str) -> Non
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        run_train(*sys.argv[2:6])
+        run_train(*sys.argv[2:7])
     elif sys.argv[1] == "skip":
         found = run_skip(sys.argv[2])
         if found[0]["rank"] == 0 and int(__import__("os").environ["RANK"]) == 0:

@@ -84,12 +84,14 @@ def load(
     attn_implementation: the language model's attention (`thinkvl.models.attention.CHOICES`);
     `varlen` (default) is SDPA run per packed example, None keeps what the checkpoint says.
     """
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    # `auto`: the checkpoint's own dtype (config.json), float32 for the tiny model
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if name_or_path == TINY:
         from thinkvl.models.tiny import build_tiny
 
         model, processor = build_tiny(seed=seed)
-        model.to(dtype)
+        if dtype != "auto":
+            model.to(dtype)
         is_vlm = True
     else:
         src = str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path

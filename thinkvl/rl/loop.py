@@ -47,6 +47,8 @@ from thinkvl.rollout.engine import SamplingParams
 from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
 from thinkvl.rollout.types import Rollout
 from thinkvl.train import distributed as D
+from thinkvl.train import lora as lora_
+from thinkvl.train import precision as P
 from thinkvl.train.common import OPTIMIZERS, ModelConfig, RunDir, Timer, make_optimizer, param_groups, set_lr
 
 log = logging.getLogger("thinkvl")
@@ -286,8 +288,9 @@ def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLCon
     stats_acc: dict[str, float] = {}
     for start in range(0, len(flat), per_mb):
         mb = flat[start : start + per_mb]
-        logp, ent = response_logprobs(model, mb, loaded, cfg.rollout.temperature, with_entropy=True,
-                                      share_prompt=share_prompt)
+        with P.compute(cfg.model.precision, d):
+            logp, ent = response_logprobs(model, mb, loaded, cfg.rollout.temperature, with_entropy=True,
+                                          share_prompt=share_prompt)
         mask = torch.zeros_like(logp)
         ref = torch.zeros_like(logp)
         for i, r in enumerate(mb):
@@ -398,12 +401,16 @@ def train(cfg: RLConfig) -> RunDir:
         raise ConfigError(f"rollout.prompts_per_iter: {cfg.rollout.prompts_per_iter} must be a multiple of "
                           f"the number of processes ({d.world})")
     run = RunDir(cfg.out_dir, d)
-    run.save_config(cfg)
     run.add_backend(cfg.logging_backend)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
                   cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed)
+    ckpt_dtype = P.prepare(loaded.model, cfg.model.precision)
+    cfg.model.dtype = str(ckpt_dtype).removeprefix("torch.")  # `auto` resolved, as final/ is written
+    if cfg.model.lora is not None:
+        run.lora = lora_.attach(loaded.model, cfg.model.lora, cfg.model.precision, d.world)  # in place: loaded.model gets the adapters
+    run.save_config(cfg)
     model = loaded.model.to(d.device)
     model.train()
     verifier = get_verifier(cfg.verifier)
@@ -421,7 +428,10 @@ def train(cfg: RLConfig) -> RunDir:
     # Under FSDP2 every forward is a collective, but generation runs a different number of forwards on
     # each rank (rows finish at different steps, chunk counts differ): rollouts and evals therefore come
     # from an unsharded replica, refreshed from the trained weights before use.
-    gen = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)) if d.enabled else loaded
+    # With bf16 compute the replica is kept in bf16: what FSDP2's policy gives the training forward.
+    gen = (dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(P.replica_dtype(cfg.model.precision)))
+           if d.enabled else loaded)
+    compute = functools.partial(P.compute, cfg.model.precision, d)
     engine = HFEngine(gen, batch_size=cfg.rollout.batch_size)
 
     @torch.no_grad()
@@ -438,7 +448,7 @@ def train(cfg: RLConfig) -> RunDir:
         log.info("loss.share_prompt: the model does not attend with thinkvl's varlen attention "
                  "(model.attn_implementation=%s), so each response carries its own copy of the prompt",
                  cfg.model.attn_implementation)
-    model = D.shard(model, d)  # before the optimiser: fully_shard replaces the parameters
+    model = D.shard(model, d, P.mp_policy(cfg.model.precision))  # before the optimiser: fully_shard replaces the parameters
     groups = param_groups(model, cfg.model, cfg.loss.lr, cfg.loss.weight_decay)
     optim = make_optimizer(groups, cfg.loss.optimizer, (0.9, 0.95), cfg.loss.momentum)
     set_lr(optim, cfg.loss.lr)
@@ -452,8 +462,9 @@ def train(cfg: RLConfig) -> RunDir:
         run.truncate_metrics(start)
         log.info("resumed from %s at iteration %d", ckpt, start)
     if start == 0 and eval_problems:
-        run.log_metrics({"step": 0, **greedy_metrics(rollout_policy(), eval_problems, cfg.verifier,
-                                                     cfg.eval_max_new_tokens)})
+        with compute():
+            run.log_metrics({"step": 0, **greedy_metrics(rollout_policy(), eval_problems, cfg.verifier,
+                                                         cfg.eval_max_new_tokens)})
 
     guard = Guardrails(cfg.guardrails)
     timer = Timer()
@@ -469,7 +480,7 @@ def train(cfg: RLConfig) -> RunDir:
                                   banned_token_ids=banned)
         model.eval()
         t0 = time.perf_counter()
-        with timer("generate"), torch.no_grad():
+        with timer("generate"), torch.no_grad(), compute():
             rollout_policy()
             rollouts = engine.generate([prompts[i] for i in mine], k, sampling)
         gen_s = time.perf_counter() - t0
@@ -511,14 +522,15 @@ def train(cfg: RLConfig) -> RunDir:
         done = it + 1
         last = done == cfg.iterations
         if eval_problems and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-            metrics.update(greedy_metrics(rollout_policy(), eval_problems, cfg.verifier, cfg.eval_max_new_tokens))
+            with compute():
+                metrics.update(greedy_metrics(rollout_policy(), eval_problems, cfg.verifier, cfg.eval_max_new_tokens))
         run.log_metrics(metrics)
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", len=f"{m['response_length/mean']:.0f}")
         bar.update(1)
         if (cfg.save_every and done % cfg.save_every == 0) or last:
             run.save_checkpoint(done, model, optim, {"sampler": sampler.state_dict()})
     bar.close()
-    run.export(loaded, model)
+    run.export(loaded, model, ckpt_dtype)
     D.cleanup(d)
     return run
 

@@ -17,6 +17,9 @@ import torch
 from thinkvl.config import ConfigError, save_config
 from thinkvl.models.load import Loaded
 from thinkvl.train import distributed as D
+from thinkvl.train import lora as lora_
+from thinkvl.train.lora import LoraSettings
+from thinkvl.train.precision import export_state, write_config_dtype
 
 log = logging.getLogger("thinkvl")
 
@@ -28,7 +31,14 @@ class ModelConfig:
     """Which model to train and how each part of it trains."""
 
     path: str = "tiny"  # `tiny` (built in), a local folder, or a hub id already in the HF cache
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype
+    # The checkpoint's dtype: weights are read in it and final/ is written in it (`auto`: the
+    # checkpoint's own, float32 for `tiny`). What training keeps and computes in is `precision`.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # fp32 (weights, optimiser state and compute in float32) | bf16_mixed (float32 master weights and
+    # optimiser state, bfloat16 compute: autocast in one process, FSDP2 MixedPrecisionPolicy under
+    # torchrun) | bf16_pure (bfloat16 weights and optimiser state, no master copy: updates below
+    # ~1/256 of a weight are lost; an explicit opt-in). See thinkvl/train/precision.py.
+    precision: Literal["fp32", "bf16_mixed", "bf16_pure"] = "fp32"
     trust_remote_code: bool = False  # run code shipped with a checkpoint (off unless you trust it)
     # LM attention: varlen (SDPA per packed example: exact, no cross-example work) | sdpa | eager |
     # flash_attention_2 | flash_attention_3 | flex_attention
@@ -45,6 +55,9 @@ class ModelConfig:
     lr_mult_projector: float = 1.0  # of the projector
     lr_mult_lm: float = 1.0  # of the language model
     gradient_checkpointing: bool = False  # recompute activations in the backward pass to save memory
+    # LoRA adapters through peft ({rank, alpha, dropout, target_modules}; thinkvl/train/lora.py): only
+    # the adapters train; unset: full fine-tuning
+    lora: LoraSettings | None = None
     seed: int = 0  # initialisation seed of the built-in tiny model
 
     def check(self, prefix: str) -> None:
@@ -169,6 +182,7 @@ class RunDir:
         self.ckpt_dir = self.path / "checkpoints"
         self.final_dir = self.path / "final"
         self._backends: list = []
+        self.lora = None  # the PeftModel when model.lora is set: checkpoints keep only the adapters
         if d.main:
             self.path.mkdir(parents=True, exist_ok=True)
             # One run's log file at a time: a later run in the same process (pipeline stages, tests)
@@ -230,6 +244,8 @@ class RunDir:
     def save_checkpoint(self, step: int, model, optim, state: dict, keep: int = 2) -> None:
         """Model, optimiser, trainer state (data position, sampler, RNG); written atomically."""
         model_sd = D.full_state_dict(model, self.d)
+        if self.lora is not None:  # the base weights never change
+            model_sd = lora_.adapter_state(model_sd)
         optim_sd = D.optim_state(model, optim, self.d)
         if self.d.main:
             tmp = self.ckpt_dir / f".tmp-step-{step}"
@@ -253,17 +269,27 @@ class RunDir:
         D.barrier(self.d)
 
     def load_checkpoint(self, path: Path, model, optim) -> dict:
-        D.load_full_state_dict(model, torch.load(path / "model.pt", weights_only=True), self.d)
+        D.load_full_state_dict(model, torch.load(path / "model.pt", weights_only=True), self.d,
+                               strict=self.lora is None)
         D.load_optim_state(model, optim, torch.load(path / "optim.pt", weights_only=False), self.d)
         state = torch.load(path / "trainer.pt", weights_only=False)
         set_rng_state(state["rng"])
         return state
 
-    def export(self, loaded: Loaded, model) -> Path:
-        """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl."""
+    def export(self, loaded: Loaded, model, dtype: torch.dtype | None = None) -> Path:
+        """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl;
+        floating-point weights in `dtype` (the checkpoint's own) when given. With LoRA: the merged
+        model, and the adapter in final/adapter/."""
         sd = D.full_state_dict(model, self.d)
         if self.d.main:
+            if self.lora is not None:
+                lora_.save_adapter(self.lora, sd, self.final_dir / "adapter")
+                sd = lora_.merged_state(sd, lora_.scalings(model))
+            if dtype is not None:
+                sd = export_state(sd, dtype)
             loaded.model.save_pretrained(self.final_dir, state_dict=sd)
+            if dtype is not None:  # save_pretrained recorded the trained copy's dtype
+                write_config_dtype(loaded.model.config, dtype, self.final_dir)
             loaded.processor.save_pretrained(self.final_dir)
         D.barrier(self.d)
         return self.final_dir

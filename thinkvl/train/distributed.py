@@ -45,17 +45,20 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, device=dev)
 
 
-def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    """FSDP2: shard each transformer block, then the root (no-op in one process)."""
+def shard(model: torch.nn.Module, d: Dist, mp_policy=None) -> torch.nn.Module:
+    """FSDP2: shard each transformer block, then the root (no-op in one process). `mp_policy`: a
+    `MixedPrecisionPolicy` (thinkvl.train.precision.mp_policy), or None to compute in the
+    parameters' dtype."""
     if not d.enabled:
         return model
     from torch.distributed.fsdp import fully_shard
 
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for module in model.modules():
         name = type(module).__name__
         if name.endswith(("DecoderLayer", "EncoderLayer", "Block")) and module is not model:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, **kw)
+    fully_shard(model, **kw)
     # thinkvl's training forward (models/forward.token_logprobs) bypasses `model.forward`; register
     # it as a forward method of the root so FSDP gathers the root's parameters around it.
     from torch.distributed.fsdp import register_fsdp_forward_method
@@ -97,13 +100,16 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist) -> None:
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist, strict: bool = True) -> None:
+    """`strict=False`: `state` holds only some of the weights (LoRA adapters); the rest stay."""
     if not d.enabled:
-        model.load_state_dict(state)
+        result = model.load_state_dict(state, strict=strict)
+        if result.unexpected_keys:
+            raise ValueError(f"the checkpoint holds weights this model lacks: {result.unexpected_keys[:3]}")
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:

@@ -32,6 +32,8 @@ from thinkvl.data.packing import bfd_pack, collate_rows
 from thinkvl.models.forward import token_logprobs
 from thinkvl.models.load import Loaded, load
 from thinkvl.train import distributed as D
+from thinkvl.train import lora as lora_
+from thinkvl.train import precision as P
 from thinkvl.train.common import ModelConfig, RunDir, Timer, adamw, param_groups, set_lr
 from thinkvl.train.schedule import Segment, lr_at
 
@@ -93,7 +95,16 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     clip_grad: float = 1.0  # max global grad norm (0 = off)
-    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast for matmuls (CPUs with bf16 units, GPUs)
+    # Removed: bf16 compute is `model.precision: bf16_mixed`; the key stays only to say so (with
+    # `model.dtype: bfloat16` it trained bf16 weights without an fp32 master copy).
+    autocast: str | None = None
+
+    def check(self, prefix: str) -> None:
+        if self.autocast is not None:
+            raise ConfigError(
+                f"{prefix}.autocast: removed; set model.precision instead: bf16_mixed (fp32 master weights "
+                "and optimiser state, bf16 compute), fp32, or bf16_pure (bf16 weights without a master copy, "
+                "where updates below ~1/256 of a weight are lost)")
 
 
 @dataclass
@@ -230,14 +241,13 @@ def sft_step(
     n_sup = max(sum(sum(examples[i].loss_mask[1:]) for r in step_rows for i in r), 1)  # supervised targets
     n_tok = sum(len(examples[i]) for r in step_rows for i in r)
     local_sum, local_slots = 0.0, 0
-    autocast = cfg.optim.autocast == "bf16"
     for mb in micro_batches(step_rows, d, cfg.optim.rows_per_micro_batch):
         rows = mb or [step_rows[0][:1]]  # filler: any real row, loss-free
         batch = collate_rows(examples, rows, loaded.pad_id, loaded.positions)
         if not mb:
             batch["target_mask"].zero_()
         local_slots += batch["input_ids"].numel() if mb else 0
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with P.compute(cfg.model.precision, d):
             logp = token_logprobs(model, batch)
         tok_sum = -(logp * batch["target_mask"].to(logp.device)).sum()
         (tok_sum * d.world / n_sup).backward()
@@ -275,7 +285,12 @@ def eval_loss(model, examples: list[Example], loaded: Loaded, capacity: int) -> 
     return total / max(count, 1)
 
 
-def run_eval(model, loaded: Loaded, cfg: SFTConfig, eval_examples, eval_problems, step: int) -> dict:
+def run_eval(model, loaded: Loaded, cfg: SFTConfig, eval_examples, eval_problems, d: D.Dist) -> dict:
+    with P.compute(cfg.model.precision, d):
+        return _run_eval(model, loaded, cfg, eval_examples, eval_problems)
+
+
+def _run_eval(model, loaded: Loaded, cfg: SFTConfig, eval_examples, eval_problems) -> dict:
     out: dict[str, float] = {}
     if eval_examples:
         out["eval/loss"] = eval_loss(model, eval_examples, loaded, max(s.max_length for s in cfg.stages))
@@ -290,14 +305,20 @@ def train(cfg: SFTConfig) -> RunDir:
     """Run joint / long-CoT SFT as configured; returns the run directory."""
     d = D.setup()
     run = RunDir(cfg.out_dir, d)
-    run.save_config(cfg)
     run.add_backend(cfg.logging_backend)
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
                   cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed)
+    ckpt_dtype = P.prepare(loaded.model, cfg.model.precision)
+    cfg.model.dtype = str(ckpt_dtype).removeprefix("torch.")  # `auto` resolved, as final/ is written
+    if cfg.model.lora is not None:
+        run.lora = lora_.attach(loaded.model, cfg.model.lora, cfg.model.precision, d.world)  # in place: loaded.model gets the adapters
+    run.save_config(cfg)
     model = loaded.model.to(d.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if run.lora is not None:  # frozen embeddings: recomputed blocks must still pass gradients on
+            model.enable_input_require_grads()
     model.train()
 
     examples, source_of, stats = load_mixture(cfg.data, loaded)
@@ -334,7 +355,7 @@ def train(cfg: SFTConfig) -> RunDir:
 
     # Shard first: fully_shard replaces the parameters with sharded ones, and the optimiser must
     # hold those (built from the old ones it would update orphans and the model would never move).
-    model = D.shard(model, d)
+    model = D.shard(model, d, P.mp_policy(cfg.model.precision))
     groups = param_groups(model, cfg.model, cfg.stages[0].lr_peak, cfg.optim.weight_decay)
     optim = adamw(groups, (cfg.optim.beta1, cfg.optim.beta2))
 
@@ -376,7 +397,7 @@ def train(cfg: SFTConfig) -> RunDir:
                    "grad_norm": round(gnorm, 4), **timer.pop()}
         last = done == total_steps
         if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-            metrics.update(run_eval(model, loaded, cfg, eval_examples, eval_problems, done))
+            metrics.update(run_eval(model, loaded, cfg, eval_examples, eval_problems, d))
         if done % cfg.log_every == 0 or last:
             run.log_metrics(metrics)
         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.1e}")
@@ -384,7 +405,7 @@ def train(cfg: SFTConfig) -> RunDir:
         if (cfg.save_every and done % cfg.save_every == 0) or done in stage_ends or last:
             run.save_checkpoint(done, model, optim, {"stage": s_i})
     bar.close()
-    run.export(loaded, model)
+    run.export(loaded, model, ckpt_dtype)
     if d.main:
         log.info("final model in %s", run.final_dir)
     D.cleanup(d)
