@@ -166,3 +166,22 @@ def to_dict(obj: Any) -> Any:
 
 def save_config(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def import_object(spec: str, what: str, allowed: str = "'package.module:function'") -> typing.Callable:
+    """The callable a recipe names as ``"package.module:name"`` (a user's verifier, tagger, teacher
+    class). Raises ValueError naming ``what``, the spec and ``allowed`` when the spec is malformed,
+    the module cannot be imported or the name is not a callable in it."""
+    import importlib
+
+    module_name, colon, attribute = str(spec).strip().partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f"unknown {what} {spec!r}: use {allowed}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # an ImportError or an error raised while importing it
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err}); use {allowed}") from err
+    obj = getattr(module, attribute, None)
+    if not callable(obj):
+        raise ValueError(f"{what} {spec!r}: {module_name!r} has no callable {attribute!r}; use {allowed}")
+    return obj

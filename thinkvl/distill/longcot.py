@@ -108,13 +108,13 @@ class DistillConfig:
 def make_teacher(cfg: DistillConfig) -> Teacher:
     t = cfg.teacher
     if t.kind == "program":
-        import importlib
         import inspect
 
-        module, _, name = t.program.partition(":")
+        from thinkvl.config import import_object
+
         try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as e:
+            cls = import_object(t.program, "teacher class", "'package.module:Class'")
+        except ValueError as e:
             raise ConfigError(f"teacher.program: cannot import {t.program!r} (want 'module:Class'): {e}") from e
         takes = inspect.signature(cls).parameters
         knobs = {f.name: getattr(t, f.name) for f in fields(TeacherConfig)

@@ -490,15 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_tagger(spec: str | None) -> Callable[[dict, str], dict] | None:
     """The function named by ``module:function`` (None for None / empty)."""
-    if not spec:
-        return None
-    import importlib
+    from thinkvl.config import import_object
 
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"tagger: cannot import {spec!r} (want 'module:function'): {e}") from e
+    return import_object(spec, "tagger") if spec else None
 
 
 def main(argv: list[str] | None = None) -> int:

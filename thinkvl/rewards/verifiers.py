@@ -49,7 +49,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
-import importlib
 import json
 import logging
 import math
@@ -846,22 +845,9 @@ def get_verifier(name: str) -> Verifier:
         if name in _SYMPY_VERIFIERS:
             _SYMPY_POOL.warm()  # a recipe names its verifier at setup: import sympy meanwhile
         return BUILTIN_VERIFIERS[name]
-    allowed = f"one of {sorted(BUILTIN_VERIFIERS)} or 'package.module:function'"
-    module_name, colon, attribute = str(name).strip().partition(":")
-    if not colon or not module_name or not attribute:
-        raise ValueError(f"unknown verifier {name!r}: use {allowed}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # an ImportError or an error raised while importing it
-        raise ValueError(
-            f"verifier {name!r}: cannot import module {module_name!r} ({err}); use {allowed}"
-        ) from err
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise ValueError(
-            f"verifier {name!r}: {module_name!r} has no callable {attribute!r}; use {allowed}"
-        )
-    return function
+    from thinkvl.config import import_object
+
+    return import_object(name, "verifier", f"one of {sorted(BUILTIN_VERIFIERS)} or 'package.module:function'")
 
 
 def safe_score(
