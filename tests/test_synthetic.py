@@ -443,3 +443,22 @@ def test_mixed_answers_work_it_out_when_asked(tmp_path: Path) -> None:
             direct += 1
             assert answer == short_response(r)
     assert asked > 15 and direct > 15  # about half each
+
+
+def test_worked_split_holds_worked_verifiable_conversations_and_leaves_the_rest(
+        tmp_path: Path, data: dict[str, Path]) -> None:
+    from thinkvl.demo.teacher import worked_response
+
+    out = synth(tmp_path / "b", seed=0, n_sft=70, n_rl=60, n_eval=30, n_worked=40)
+    for split in ("sft", "rl", "eval"):  # direct SFT answers and the problems are unchanged
+        assert out[split].read_bytes() == data[split].read_bytes(), split
+    worked = read_jsonl(out["worked"])
+    assert len(worked) == 40 and {r["task"] for r in worked} == set(VERIFIABLE_TASKS)
+    ids = [r["id"] for s in out.values() for r in read_jsonl(s)]
+    assert len(ids) == len(set(ids))  # fresh problems, not the SFT or eval ones again
+    for r in worked:
+        bare = dict(r, messages=r["messages"][:1])
+        assert r["messages"][1] == {"role": "assistant", "content": worked_response(bare)}
+        assert r["messages"][1]["content"].endswith(f"\\boxed{{{r['answer']}}}.")
+    with pytest.raises(ValueError, match="n_worked"):
+        synth(tmp_path / "bad", n_worked=-1)

@@ -2,6 +2,7 @@
 
     thinkvl demo [--out DIR] [--quick]
     thinkvl data synth --out DIR [--seed N] [--n-sft N] [--n-rl N] [--n-eval N] [--n-grounding N]
+                       [--n-worked N]
                        [--answers direct|worked]
     thinkvl sft RECIPE.yaml [key=value ...]
     thinkvl distill RECIPE.yaml [key=value ...]
@@ -35,7 +36,7 @@ def _cmd_synth(a: argparse.Namespace) -> None:
     from thinkvl.demo.tasks import synth
 
     paths = synth(Path(a.out), seed=a.seed, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval,
-                  n_grounding=a.n_grounding, answers=a.answers)
+                  n_grounding=a.n_grounding, answers=a.answers, n_worked=a.n_worked)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--n-grounding", type=int, default=0,
                    help="'list the shapes' conversations for a perception stage (grounding.jsonl)")
+    p.add_argument("--n-worked", type=int, default=0,
+                   help="worked-solution conversations for the base stage (worked.jsonl)")
     p.add_argument("--answers", choices=ANSWER_STYLES, default="direct",
                    help="SFT answers: the result only, or worked (read the image row by row or write "
                         "the steps, then answer)")

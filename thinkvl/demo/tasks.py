@@ -655,7 +655,7 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
           tasks: Sequence[str] | None = None, *, levels: tuple[int, int] | None = None,
           colors: Sequence[str] = DEFAULT_COLORS,
           grid: tuple[int, int] = DEFAULT_GRID, n_grounding: int = 0,
-          answers: str = "direct") -> dict[str, Path]:
+          answers: str = "direct", n_worked: int = 0) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rl.jsonl`` and ``eval.jsonl`` (+ ``images/``) into ``out_dir``.
 
     Counts are totals per split, shared evenly over the tasks. ``sft`` holds conversations of
@@ -664,8 +664,10 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
     ``describe`` conversations (list the shapes in reading order), for a perception stage before
     joint SFT. ``answers`` picks the style of the ``sft`` and ``grounding`` answers
     (:data:`ANSWER_STYLES`): ``direct`` states the result, ``worked`` reads the image out row by
-    row (or writes out the steps) before it. Each split draws from its own seed stream and ids
-    never repeat across splits, so ``eval`` is held out.
+    row (or writes out the steps) before it. With ``n_worked`` > 0, ``worked.jsonl`` holds that
+    many conversations of the verifiable tasks answered worked (whatever ``answers`` is): the
+    demo's stand-in for the worked solutions a real base model saw in pretraining. Each split draws
+    from its own seed stream and ids never repeat across splits, so ``eval`` is held out.
     """
     tasks = tuple(tasks) if tasks is not None else TASKS
     unknown = [t for t in tasks if t not in TASKS]
@@ -675,16 +677,22 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
     out_dir = Path(out_dir)
     if n_grounding < 0:
         raise ValueError(f"n_grounding must be >= 0, got {n_grounding}")
+    if n_worked < 0:
+        raise ValueError(f"n_worked must be >= 0, got {n_worked}")
     plan = [("sft", split_counts(n_sft, tasks), True, 0),
             ("rl", split_counts(n_rl, verifiable), False, n_sft),
             ("eval", split_counts(n_eval, verifiable), False, n_sft + n_rl)]
     if n_grounding:
         plan.append(("grounding", {"describe": n_grounding}, True, n_sft + n_rl + n_eval))
+    if n_worked:
+        plan.append(("worked", split_counts(n_worked, verifiable), True,
+                     n_sft + n_rl + n_eval + n_grounding))
     paths: dict[str, Path] = {}
     for name, counts, with_response, start in plan:
         path = out_dir / f"{name}.jsonl"
         write_split(path, counts, _derive_seed(seed, name), with_response, levels,
-                    start_index=start, colors=colors, grid=grid, answers=answers)
+                    start_index=start, colors=colors, grid=grid,
+                    answers="worked" if name == "worked" else answers)
         paths[name] = path
     return paths
 
