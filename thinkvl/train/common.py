@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 
 from thinkvl.config import ConfigError, save_config
 from thinkvl.models.load import Loaded
+from thinkvl.train import checkpoint as C
 from thinkvl.train import distributed as D
 
 log = logging.getLogger("thinkvl")
@@ -219,44 +219,31 @@ class RunDir:
                 if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
         self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
-    # --- checkpoints -------------------------------------------------------------------------
+    # --- checkpoints (thinkvl.train.checkpoint: crash-safe, data only) -----------------------
     def latest_checkpoint(self) -> Path | None:
-        if not self.ckpt_dir.exists():
-            return None
-        steps = sorted((int(p.name.split("-")[1]), p) for p in self.ckpt_dir.glob("step-*")
-                       if (p / "state.json").exists())
-        return steps[-1][1] if steps else None
+        found = C.complete(self.ckpt_dir)
+        return found[-1] if found else None
 
     def save_checkpoint(self, step: int, model, optim, state: dict, keep: int = 2) -> None:
-        """Model, optimiser, trainer state (data position, sampler, RNG); written atomically."""
+        """Model, optimiser, trainer state (data position, sampler, RNG); see thinkvl.train.checkpoint."""
         model_sd = D.full_state_dict(model, self.d)
         optim_sd = D.optim_state(model, optim, self.d)
         if self.d.main:
-            tmp = self.ckpt_dir / f".tmp-step-{step}"
-            tmp.mkdir(parents=True, exist_ok=True)
-            torch.save(model_sd, tmp / "model.pt")
-            torch.save(optim_sd, tmp / "optim.pt")
-            state = dict(state, step=step, rng=rng_state())
-            torch.save(state, tmp / "trainer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step}))
-            final = self.ckpt_dir / f"step-{step}"
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            tmp.rename(final)
-            old = sorted((int(p.name.split("-")[1]), p) for p in self.ckpt_dir.glob("step-*"))[:-keep]
-            for _, p in old:
-                import shutil
-
-                shutil.rmtree(p)
+            tmp = C.begin(self.ckpt_dir, step)
+            C.crash_point(step, "model")
+            C.save_tensors(model_sd, tmp / "model.pt")
+            C.crash_point(step, "optim")
+            C.save_tensors(optim_sd, tmp / "optim.pt")
+            C.crash_point(step, "trainer")
+            C.save_json(dict(state, step=step, rng=C.rng_state()), tmp / "trainer.json")
+            C.commit(tmp, step, keep)
         D.barrier(self.d)
 
     def load_checkpoint(self, path: Path, model, optim) -> dict:
-        D.load_full_state_dict(model, torch.load(path / "model.pt", weights_only=True), self.d)
-        D.load_optim_state(model, optim, torch.load(path / "optim.pt", weights_only=False), self.d)
-        state = torch.load(path / "trainer.pt", weights_only=False)
-        set_rng_state(state["rng"])
+        D.load_full_state_dict(model, C.load_tensors(path / "model.pt"), self.d)
+        D.load_optim_state(model, optim, C.load_tensors(path / "optim.pt"), self.d)
+        state = C.load_json(path / "trainer.json")
+        C.set_rng_state(state["rng"])
         return state
 
     def export(self, loaded: Loaded, model) -> Path:
@@ -267,15 +254,6 @@ class RunDir:
             loaded.processor.save_pretrained(self.final_dir)
         D.barrier(self.d)
         return self.final_dir
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
 
 
 class Timer:
