@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,33 +226,29 @@ class RunDir:
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int, model, optim, state: dict, keep: int = 2) -> None:
-        """Model, optimiser, trainer state (data position, sampler, RNG); see thinkvl.train.checkpoint."""
-        model_sd = D.full_state_dict(model, self.d)
-        optim_sd = D.optim_state(model, optim, self.d)
-        if self.d.main:
-            tmp = C.begin(self.ckpt_dir, step)
-            C.crash_point(step, "model")
-            C.save_tensors(model_sd, tmp / "model.pt")
-            C.crash_point(step, "optim")
-            C.save_tensors(optim_sd, tmp / "optim.pt")
-            C.crash_point(step, "trainer")
-            C.save_json(dict(state, step=step, rng=C.rng_state()), tmp / "trainer.json")
-            C.commit(tmp, step, keep)
-        D.barrier(self.d)
+        """Model, optimiser (sharded, each rank its own part), trainer state (data position, sampler,
+        RNG); crash-safe, see thinkvl.train.checkpoint."""
+        C.save(self.ckpt_dir, step, model, optim, state, keep, self.d)
 
     def load_checkpoint(self, path: Path, model, optim) -> dict:
-        D.load_full_state_dict(model, C.load_tensors(path / "model.pt"), self.d)
-        D.load_optim_state(model, optim, C.load_tensors(path / "optim.pt"), self.d)
-        state = C.load_json(path / "trainer.json")
-        C.set_rng_state(state["rng"])
-        return state
+        return C.load(path, model, optim, self.d)
 
-    def export(self, loaded: Loaded, model) -> Path:
-        """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl."""
+    def export(self, loaded: Loaded, model, max_shard_size: str = "5GB") -> Path:
+        """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl.
+
+        Only the model's weights are gathered, tensor by tensor onto rank 0's CPU (no optimiser
+        state); transformers' save_pretrained writes them as safetensors shards of at most
+        `max_shard_size` with an index (one `model.safetensors` when they fit in one), in the
+        checkpoint layout transformers loads. Written into .tmp-final/ and renamed, like a checkpoint."""
         sd = D.full_state_dict(model, self.d)
         if self.d.main:
-            loaded.model.save_pretrained(self.final_dir, state_dict=sd)
-            loaded.processor.save_pretrained(self.final_dir)
+            tmp = self.path / ".tmp-final"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            loaded.model.save_pretrained(tmp, state_dict=sd, max_shard_size=max_shard_size)
+            loaded.processor.save_pretrained(tmp)
+            C.fsync_tree(tmp)
+            C.publish(tmp, self.final_dir)
         D.barrier(self.d)
         return self.final_dir
 

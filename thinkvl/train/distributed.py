@@ -97,57 +97,6 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist) -> None:
-    if not d.enabled:
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-
-
-def optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:
-    if not d.enabled:
-        return optim.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, state: dict, d: Dist) -> None:
-    """Load a checkpoint's optimiser state (moments, momentum buffers, step counts) while this run's
-    config keeps every hyperparameter and implementation choice of its param groups (lr, betas,
-    momentum, weight decay, fused/foreach): a checkpoint written before `train.common.adamw` chose
-    the fused kernel would otherwise switch it off for the whole run, and a resumed run with a new
-    `loss.momentum` would silently keep the old one.
-
-    Raises ConfigError when the checkpoint was written by another optimiser (`loss.optimizer`) or
-    for another set of trained parameters (`model.trainable`, `model.freeze_*`)."""
-    from thinkvl.config import ConfigError
-
-    mine = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
-    saved_groups = state.get("param_groups", [])
-    kind = lambda groups: "sgd" if any("momentum" in g for g in groups) else "adamw"  # noqa: E731
-    if saved_groups and kind(saved_groups) != kind(mine):
-        raise ConfigError(f"loss.optimizer: the checkpoint's optimiser state is {kind(saved_groups)}'s, this "
-                          f"run's optimiser is {kind(mine)}; resume with the same optimiser or use a new out_dir")
-    if not d.enabled:
-        params = [p for g in optim.param_groups for p in g["params"]]
-        same = [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in optim.param_groups]
-        same = same and all(t.shape == params[i].shape for i, st in state.get("state", {}).items()
-                            for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
-        if not same:
-            raise ConfigError("model.trainable / model.freeze_*: the checkpoint's optimiser state is for other "
-                              "trained parameters than this run's; resume with the same settings or use a new out_dir")
-        optim.load_state_dict(state)
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
-    for g, keep in zip(optim.param_groups, mine):
-        g.update(keep)
-
-
 def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         # Every rank reaches this point before any tears its gloo pairs down: a rank that destroyed the
