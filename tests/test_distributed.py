@@ -129,3 +129,13 @@ def test_one_process_checkpoint_resumes_in_two_processes(one_process, two_proces
     assert_same_run(resumed, one_process)
     assert_same_run(resumed, two_processes)
 
+
+def test_meta_device_loading_equals_loading_everywhere(tiny_dir, tmp_path):
+    # Rank 1 builds the model on the meta device (no weights read) and gets its shards from rank 0.
+    torchrun("_dist_meta_load.py", str(tiny_dir), str(tmp_path), tmp_dir=tmp_path / "tmp")
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    print(ranks)
+    assert [r["built_on_meta"] for r in ranks] == [False, True]
+    assert ranks[0]["tensors"] > 10 and ranks[0]["weights_equal"]  # gathered on rank 0
+    assert all(r["buffers"] > 0 and r["buffers_equal"] for r in ranks)  # e.g. rotary frequencies
+    assert all(r["logits_equal"] for r in ranks), [r["logits_max_diff"] for r in ranks]

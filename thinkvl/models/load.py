@@ -8,6 +8,7 @@ models through `AutoModelForCausalLM` + `AutoTokenizer`; `trust_remote_code` sta
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,17 +79,22 @@ def load(
     attn_implementation: str | None = "varlen",
     chat_template: str | None = None,
     seed: int = 0,
+    meta: bool = False,
 ) -> Loaded:
     """Load a model and its processor by name (`tiny`), local folder or cached hub id.
 
     attn_implementation: the language model's attention (`thinkvl.models.attention.CHOICES`);
     `varlen` (default) is SDPA run per packed example, None keeps what the checkpoint says.
+    meta: build the model on the meta device (shapes only, no memory, weights not read); under
+    torchrun the ranks other than 0 do this and get their shards of rank 0's weights when the model
+    is sharded (`train.distributed.shard_from_rank0`).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name_or_path == TINY:
         from thinkvl.models.tiny import build_tiny
 
-        model, processor = build_tiny(seed=seed)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = build_tiny(seed=seed)
         model.to(dtype)
         is_vlm = True
     else:
@@ -98,15 +104,27 @@ def load(
         kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kw["attn_implementation"] = "sdpa" if attn_implementation == "varlen" else attn_implementation
-        if is_vlm:
-            model = AutoModelForImageTextToText.from_pretrained(src, **kw)
-            processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+        auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        if meta:
+            with torch.device("meta"):
+                model = auto.from_config(config, **kw)
+            model.generation_config = _generation_config(src, model.generation_config)
         else:
-            model = AutoModelForCausalLM.from_pretrained(src, **kw)
-            processor = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+            model = auto.from_pretrained(src, **kw)
+        processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(src, trust_remote_code=trust_remote_code)
     if attn_implementation:
         set_attention(model, attn_implementation)
     return wrap(model, processor, chat_template=chat_template)
+
+
+def _generation_config(src: str, default):
+    """The checkpoint's generation_config.json (what from_pretrained would set), else `default`."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(src)
+    except OSError:
+        return default
 
 
 def wrap(model: PreTrainedModel, processor, chat_template: str | None = None) -> Loaded:

@@ -67,6 +67,29 @@ def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     return model
 
 
+def shard_from_rank0(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """Shard a model that rank 0 loaded and the other ranks built on the meta device
+    (`models.load.load(..., meta=True)`), then give every rank its shards of rank 0's weights, one
+    tensor at a time (`set_model_state_dict(..., broadcast_from_rank0=True)`). Before, every rank
+    loaded the whole model and then sharded it; now rank 0 peaks at the whole model plus its shards
+    and the other ranks at their shards plus one whole tensor in flight (measured: docs/scale.md).
+    One process: moved to the device, nothing else."""
+    if not d.enabled:
+        return model.to(d.device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if d.main else {}  # rank 0's whole tensors, kept alive past fully_shard
+    model = shard(model, d)
+    if not d.main:
+        model.to_empty(device=d.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    # Buffers that are not in the state dict (rotary frequencies) were never filled on the meta ranks.
+    for _, buf in model.named_buffers():
+        dist.broadcast(buf, src=0)
+    return model
+
+
 def all_reduce_sum(x: float | torch.Tensor, d: Dist) -> float:
     if not d.enabled:
         return float(x)

@@ -294,8 +294,9 @@ def train(cfg: SFTConfig) -> RunDir:
     run.add_backend(cfg.logging_backend)
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
-                  cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed)
-    model = loaded.model.to(d.device)
+                  cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed,
+                  meta=d.enabled and not d.main)  # ranks > 0 get their shards from rank 0 (shard_from_rank0)
+    model = loaded.model
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -334,7 +335,7 @@ def train(cfg: SFTConfig) -> RunDir:
 
     # Shard first: fully_shard replaces the parameters with sharded ones, and the optimiser must
     # hold those (built from the old ones it would update orphans and the model would never move).
-    model = D.shard(model, d)
+    model = D.shard_from_rank0(model, d)
     groups = param_groups(model, cfg.model, cfg.stages[0].lr_peak, cfg.optim.weight_decay)
     optim = adamw(groups, (cfg.optim.beta1, cfg.optim.beta2))
 
