@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from conftest import sft_config
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from thinkvl.config import save_config
@@ -45,10 +47,12 @@ def recipe(tiny_dir: Path, sft_data: Path, out: Path) -> Path:
     return path
 
 
-# The points in the step-4 save where the process is killed, in the order the chain below uses them.
-# "X.metadata": X's shards are on disk, DCP's index of them is not. Before "cleanup" the step-4 folder is
-# not yet renamed into place, so the rerun resumes from step 2; at "cleanup" it is complete.
-POINTS = ["model", "model.metadata", "optim", "optim.metadata", "trainer", "complete", "rename", "cleanup"]
+# The points in the step-4 save where the process is killed, in the order the chain below uses them
+# (a few of CRASH_POINTS; each is one more run of `thinkvl sft`). "model.metadata": during the
+# model's write (its shards are on disk, DCP's index of them is not); "optim.metadata": the same for
+# the optimiser; "trainer": before the trainer state; "rename": all written and fsynced, not yet
+# renamed into place. Until then the rerun resumes from step 2; at "cleanup" step-4 is complete.
+POINTS = ["model.metadata", "optim.metadata", "trainer", "rename", "cleanup"]
 
 
 def test_sigkill_while_saving_then_rerun_equals_uninterrupted(tiny_dir, sft_data, tmp_path):
@@ -140,3 +144,7 @@ def test_crafted_pickle_in_checkpoint_is_refused(victim, craft, tiny_dir, sft_da
     print(msg)
     assert msg.startswith(f"{ckpt / victim}: refused to load") and "GLOBAL posix.system" in msg
     assert not marker.exists()  # the payload did not run
+    # ... where DCP's own reader would have run it
+    with contextlib.suppress(Exception, CheckpointException):
+        dcp_to_torch_save(ckpt / victim.split("/")[0], tmp_path / "converted.pt")
+    assert marker.exists()

@@ -111,7 +111,8 @@ def load(
             model.generation_config = _generation_config(src, model.generation_config)
         else:
             model = auto.from_pretrained(src, **kw)
-        processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(src, trust_remote_code=trust_remote_code)
+        processor_cls = AutoProcessor if is_vlm else AutoTokenizer
+        processor = processor_cls.from_pretrained(src, trust_remote_code=trust_remote_code)
     if attn_implementation:
         set_attention(model, attn_implementation)
     return wrap(model, processor, chat_template=chat_template)

@@ -28,7 +28,6 @@ import shutil
 import signal
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -71,7 +70,7 @@ def fsync(path: Path) -> None:
 
 def fsync_tree(folder: Path) -> None:
     """fsync every file and folder under `folder`, the folder itself last."""
-    for root, dirs, files in os.walk(folder, topdown=False):
+    for root, _, files in os.walk(folder, topdown=False):
         for name in files:
             fsync(Path(root) / name)
         fsync(Path(root))
