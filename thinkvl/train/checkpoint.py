@@ -189,7 +189,8 @@ def load(path: Path, model: torch.nn.Module, optim: torch.optim.Optimizer, d: D.
         reader.read_metadata()  # a refused index raises here, before DCP rewraps the error
         try:
             with _one_process_is_intended():
-                dcp.load(sd, storage_reader=reader, planner=_SafePlanner(reader), no_dist=not d.enabled)
+                dcp.load(sd, storage_reader=reader, planner=_SafePlanner(reader, partial=name == "optim"),
+                     no_dist=not d.enabled)
         except CheckpointException as e:  # DCP wraps each rank's error; ours name the file
             for exc, _ in e.failures.values():
                 if isinstance(exc, CheckpointError):
@@ -225,7 +226,10 @@ def _check_optimizer(folder: Path, optim: torch.optim.Optimizer, optim_sd: dict)
     ours_shapes = {f"state.{fqn}.{k}": tuple(v.shape) for fqn, st in optim_sd["state"].items()
                    for k, v in st.items() if torch.is_tensor(v)}
     theirs_shapes = {k: tuple(v.size) for k, v in entries.items() if k.startswith("state.") and hasattr(v, "size")}
-    if saved != set(optim_sd["state"]) or any(ours_shapes.get(k, s) != s for k, s in theirs_shapes.items()):
+    # A parameter that never had a gradient (a vision tower in text-only RL) has no saved state, and
+    # keeps the fresh state get_state_dict gave it; state for a parameter this run does not train is
+    # another run's.
+    if not saved <= set(optim_sd["state"]) or any(ours_shapes.get(k, s) != s for k, s in theirs_shapes.items()):
         raise ConfigError("model.trainable / model.freeze_*: the checkpoint's optimiser state is for other "
                           "trained parameters than this run's; resume with the same settings or use a new out_dir")
 
@@ -293,8 +297,8 @@ class _SafePlanner(DefaultLoadPlanner):
     """DCP's load planner, loading non-tensor values (step counts, hyperparameters, names) with
     `torch.load(weights_only=True)` where DCP's own uses weights_only=False."""
 
-    def __init__(self, reader: _SafeReader):
-        super().__init__()
+    def __init__(self, reader: _SafeReader, partial: bool = False):
+        super().__init__(allow_partial_load=partial)
         self._reader = reader
 
     def load_bytes(self, read_item, value) -> None:
