@@ -247,3 +247,22 @@ def test_never_stepped_optimiser_is_saved_empty_and_resumes_fresh(tmp_path):
         second.step()
     assert torch.equal(b.p0, a.p0) and float(second.state[b.p0]["step"]) == 2.0
 
+
+def test_parameter_without_saved_state_gets_none_on_resume(tmp_path):
+    """A parameter that never had a gradient (a vision tower in text-only RL) has no optimiser state in
+    the checkpoint; after loading it has none either (not the initialised step-1 state torch fills
+    in), so its first real step is a first step, as in the uninterrupted run."""
+    from thinkvl.train.common import adamw
+
+    a = Params(torch.ones(3), torch.ones(2))
+    first = adamw([{"params": [a.p0, a.p1], "lr": 0.1}], (0.9, 0.95))
+    a.p0.grad = torch.full((3,), 0.5)
+    first.step()
+    b = Params(a.p0.detach(), a.p1.detach())
+    second = adamw([{"params": [b.p0, b.p1], "lr": 0.1}], (0.9, 0.95))
+    round_trip(tmp_path, a, first, b, second)
+    assert set(second.state) == {b.p0} and float(second.state[b.p0]["step"]) == 1.0
+    for m, opt in ((a, first), (b, second)):
+        m.p0.grad, m.p1.grad = torch.full((3,), 0.2), torch.full((2,), -0.4)
+        opt.step()
+    assert torch.equal(b.p0, a.p0) and torch.equal(b.p1, a.p1)

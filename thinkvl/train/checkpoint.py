@@ -217,7 +217,8 @@ def load(path: Path, model: torch.nn.Module, optim: torch.optim.Optimizer, d: D.
 
     The optimiser keeps this run's hyperparameters (lr, betas, momentum, weight decay, fused/foreach):
     a resumed run with a new `loss.momentum` would otherwise silently keep the old one. A checkpoint
-    saved before the optimiser's first step leaves this (fresh) optimiser as it is. Raises
+    saved before the optimiser's first step leaves this (fresh) optimiser as it is; a parameter
+    without saved state (no gradient yet) keeps none, as in the run that saved it. Raises
     ConfigError when the checkpoint was written by another optimiser (`loss.optimizer`), for another
     set of trained parameters (`model.trainable`, `model.freeze_*`) or weights (`model.lora`)."""
     state = load_json(path / "trainer.json")
@@ -225,7 +226,7 @@ def load(path: Path, model: torch.nn.Module, optim: torch.optim.Optimizer, d: D.
     has_optim = state.get("optimizer_state", True)
     if has_optim:
         model_sd, optim_sd = get_state_dict(model, optim, options=options)  # the layout to read into
-        _check_optimizer(path / "optim", optim, optim_sd)
+        saved = _check_optimizer(path / "optim", optim, optim_sd)
         mine = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
     else:
         model_sd, optim_sd = get_model_state_dict(model, options=options), None
@@ -247,6 +248,13 @@ def load(path: Path, model: torch.nn.Module, optim: torch.optim.Optimizer, d: D.
             raise
     if has_optim:
         set_state_dict(model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+        # get_state_dict gave every trained parameter initialised state (step 1, zero moments); a
+        # parameter the checkpoint has none for had none in the saved run: drop it, so its first
+        # step is a first step here too.
+        unsaved = {name for name in optim_sd["state"] if name not in saved}
+        for name, p in model.named_parameters():
+            if name in unsaved:
+                optim.state.pop(p, None)
         for g, keep in zip(optim.param_groups, mine):
             g.update(keep)
     else:
@@ -263,8 +271,9 @@ def _one_process_is_intended():
         yield
 
 
-def _check_optimizer(folder: Path, optim: torch.optim.Optimizer, optim_sd: dict) -> None:
-    """ConfigError when the saved optimiser state is another optimiser's or other parameters'."""
+def _check_optimizer(folder: Path, optim: torch.optim.Optimizer, optim_sd: dict) -> set[str]:
+    """ConfigError when the saved optimiser state is another optimiser's or other parameters'; else
+    the names of the parameters that have saved state."""
     entries = _SafeReader(folder).read_metadata().state_dict_metadata
     keys = list(entries)
     saved = {k[len("state."):].rsplit(".", 1)[0] for k in keys if k.startswith("state.")}
@@ -283,6 +292,7 @@ def _check_optimizer(folder: Path, optim: torch.optim.Optimizer, optim_sd: dict)
     if not saved <= set(optim_sd["state"]) or any(ours_shapes.get(k, s) != s for k, s in theirs_shapes.items()):
         raise ConfigError("model.trainable / model.freeze_*: the checkpoint's optimiser state is for other "
                           "trained parameters than this run's; resume with the same settings or use a new out_dir")
+    return saved
 
 
 def _check_model(folder: Path, model_sd: dict, trainable_only: bool) -> None:
