@@ -32,13 +32,36 @@ def metrics(run_dir: Path) -> list[dict]:
     return [m for m in lines if "loss" in m]
 
 
-def thinkvl_sft(recipe: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+RUN_TIMEOUT = 240  # seconds for one `thinkvl sft` run (about 8 s on an idle machine)
+
+
+def thinkvl_sft(recipe: Path, crash_at: str | None = None) -> tuple[int, str]:
+    """Run `thinkvl sft RECIPE` in a process group of its own; (exit code, its output).
+
+    The output goes to a file, not a pipe: a pipe is read until every process holding it has
+    closed it, so a straggler the run left behind would block the test. Whatever happens, the whole
+    group is killed afterwards, and a run past RUN_TIMEOUT fails the test instead of hanging it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop(CRASH_ENV, None)
     if crash_at:
         env[CRASH_ENV] = crash_at
-    return subprocess.run([sys.executable, "-m", "thinkvl.cli", "sft", str(recipe)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    log = recipe.with_name(f"{recipe.stem}.{crash_at or 'run'}.out".replace(":", "-"))
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "thinkvl.cli", "sft", str(recipe)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    if code is None:
+        pytest.fail(f"`thinkvl sft` (crash at {crash_at}) still running after {RUN_TIMEOUT} s, killed:\n{text[-3000:]}")
+    return code, text
 
 
 def recipe(tiny_dir: Path, sft_data: Path, out: Path) -> Path:
@@ -57,8 +80,8 @@ POINTS = ["model.metadata", "optim.metadata", "trainer", "rename", "cleanup"]
 
 def test_sigkill_while_saving_then_rerun_equals_uninterrupted(tiny_dir, sft_data, tmp_path):
     full = tmp_path / "full"
-    proc = thinkvl_sft(recipe(tiny_dir, sft_data, full))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, text = thinkvl_sft(recipe(tiny_dir, sft_data, full))
+    assert code == 0, text[-3000:]
 
     # One run killed at each point in turn: each rerun of the same command resumes, trains on,
     # and is killed at the next point while it writes the step-4 checkpoint again.
@@ -66,8 +89,8 @@ def test_sigkill_while_saving_then_rerun_equals_uninterrupted(tiny_dir, sft_data
     cmd = recipe(tiny_dir, sft_data, out)
     resumed_at = None
     for point in POINTS:
-        killed = thinkvl_sft(cmd, crash_at=f"4:{point}")
-        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-3000:])
+        code, text = thinkvl_sft(cmd, crash_at=f"4:{point}")
+        assert code == -signal.SIGKILL, (point, code, text[-3000:])
         log = (out / "train.log").read_text()
         if resumed_at is not None:
             assert f"resumed from {out / 'checkpoints' / f'step-{resumed_at}'} at step {resumed_at}" in log, point
@@ -80,8 +103,8 @@ def test_sigkill_while_saving_then_rerun_equals_uninterrupted(tiny_dir, sft_data
             assert ckpts == [".tmp-step-4", "step-2"], (point, ckpts)
             resumed_at = 2
 
-    rerun = thinkvl_sft(cmd)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    code, text = thinkvl_sft(cmd)
+    assert code == 0, text[-3000:]
     assert "resumed from" in (out / "train.log").read_text() and resumed_at == 4
     got, want = metrics(out), metrics(full)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
