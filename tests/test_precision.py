@@ -132,6 +132,7 @@ def test_kimi_vl_recipes_train_with_fp32_masters():
     for name, cls in [("sft", SFTConfig), ("longcot_sft", SFTConfig), ("rl", RLConfig)]:
         cfg = load_config(cls, root / f"{name}.yaml")
         assert cfg.model.precision == "bf16_mixed" and cfg.model.dtype == "bfloat16", name
+        assert cfg.save_every > 0, name  # checkpoints, which are always sharded (thinkvl.train.checkpoint)
 
 
 # --- RL ---------------------------------------------------------------------------------------
