@@ -155,3 +155,13 @@ def test_lora_over_a_bf16_base_trains_fp32_adapters(tiny_dir, sft_data, tmp_path
     assert {st["exp_avg"].dtype for st in optim_sd["state"].values()} == {torch.float32}
     with pytest.raises(ConfigError, match=r"^model\.precision: bf16_pure with model\.lora under torchrun"):
         attach(load(str(tiny_dir)).model, LoraSettings(), "bf16_pure", world=2)
+
+
+def test_resume_with_another_lora_setting_is_refused(lora_run, tiny_dir, sft_data, tmp_path):
+    # A LoRA checkpoint holds adapters only: resuming it as full fine-tuning (or a full checkpoint
+    # with LoRA) would load a model that lacks weights; refused, naming the key.
+    cut = tmp_path / "cut"
+    shutil.copytree(lora_run, cut)
+    shutil.rmtree(cut / "final")
+    with pytest.raises(ConfigError, match=r"^model\.lora: the checkpoint lacks weights this run loads .* written with LoRA adapters"):
+        train(sft_config(tiny_dir, sft_data, cut, max_steps=STEPS + 2, save_every=2))

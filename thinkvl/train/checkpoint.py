@@ -226,12 +226,13 @@ def load(path: Path, model: torch.nn.Module, optim: torch.optim.Optimizer, d: D.
     has_optim = state.get("optimizer_state", True)
     if has_optim:
         model_sd, optim_sd = get_state_dict(model, optim, options=options)  # the layout to read into
-        saved = _check_optimizer(path / "optim", optim, optim_sd)
-        mine = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
     else:
         model_sd, optim_sd = get_model_state_dict(model, options=options), None
     model_sd = _only_trained(model, model_sd) if trainable_only else model_sd
-    _check_model(path / "model", model_sd, trainable_only)
+    _check_model(path / "model", model_sd, trainable_only)  # first: the clearer error of the two
+    if has_optim:
+        saved = _check_optimizer(path / "optim", optim, optim_sd)
+        mine = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
     for name, sd in (("model", model_sd), ("optim", optim_sd)):
         if sd is None:
             continue
