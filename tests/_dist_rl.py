@@ -14,7 +14,8 @@ full updated state dict (OUT_JSON and OUT_JSON + ".pt").
 train: a 2-iteration `train` run (the verifier module must be importable: PYTHONPATH).
 
 skip: `update` on a batch where every group is tied on every rank (must skip on both ranks, weights
-and AdamW state untouched, a checkpoint of the still-empty state must not initialise it), then on
+and AdamW state untouched; a checkpoint of the still-empty state must not initialise it, and loading
+it leaves the optimiser empty), then on
 one where only rank 1's groups carry signal (both ranks must step: a rank skipping alone would hang
 the other in FSDP's collectives). Rank 0 writes every rank's findings to OUT_JSON.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,7 @@ from thinkvl.rl.loop import RLConfig, update  # noqa: E402
 from thinkvl.rl.losses import get_loss  # noqa: E402
 from thinkvl.rollout.engine import SamplingParams  # noqa: E402
 from thinkvl.rollout.hf_engine import HFEngine  # noqa: E402
+from thinkvl.train import checkpoint as C  # noqa: E402
 from thinkvl.train import distributed as D  # noqa: E402
 from thinkvl.train.common import make_optimizer, param_groups  # noqa: E402
 
@@ -90,7 +93,7 @@ def run_update(model_dir: str, tau: float = 0.5, lr: float = 1.0) -> tuple[dict,
     return out, sd
 
 
-def run_skip(model_dir: str) -> list[dict]:
+def run_skip(model_dir: str, ckpt_dir: str) -> list[dict]:
     """The two `update` calls described in the module docstring; every rank's findings, in rank order."""
     import torch.distributed as dist
 
@@ -121,9 +124,12 @@ def run_skip(model_dir: str) -> list[dict]:
         r.reward = float(r.group % 2)
     mine["tied"] = update(model, optim, flat, K, loaded, cfg, d, loss_fn, n_global)
     mine["tied_same_weights"] = same_as_start()
-    saved = D.optim_state(model, optim, d)
+    C.save(Path(ckpt_dir), 1, model, optim, {}, keep=1, d=d)  # must not initialise the empty state
     mine["tied_optim_state_len"] = len(optim.state)
-    mine["tied_saved_state_len"] = len(saved.get("state", {}))  # full state (cpu_offload): rank 0 only
+    mine["tied_saved_optim"] = (Path(ckpt_dir) / "step-1" / "optim").exists()
+    C.load(Path(ckpt_dir) / "step-1", model, optim, d)  # the model's weights back; the optimiser stays fresh
+    mine["loaded_optim_state_len"] = len(optim.state)
+    mine["loaded_same_weights"] = same_as_start()
     for r, reward in zip(flat, signal):  # rank 1 keeps its groups' differing rewards, rank 0's stay tied
         r.reward = reward if d.rank == 1 else r.reward
     mine["rank1_signal"] = update(model, optim, flat, K, loaded, cfg, d, loss_fn, n_global)
@@ -158,7 +164,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "train":
         run_train(*sys.argv[2:7])
     elif sys.argv[1] == "skip":
-        found = run_skip(sys.argv[2])
+        found = run_skip(sys.argv[2], sys.argv[3] + ".ckpt")
         if found[0]["rank"] == 0 and int(__import__("os").environ["RANK"]) == 0:
             with open(sys.argv[3], "w") as f:
                 json.dump(found, f)

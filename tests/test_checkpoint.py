@@ -103,3 +103,29 @@ def test_resume_equals_uninterrupted(tiny_dir, sft_data, tmp_path):
     log = (cut_dir / "train.log").read_text()
     assert log.count("resumed from") == 1 and "step-3" in log
     assert "resumed" not in (full_dir / "train.log").read_text()
+
+
+def test_export_writes_sharded_safetensors_that_transformers_loads(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from thinkvl.models.load import wrap
+    from thinkvl.train.common import RunDir
+    from thinkvl.train.distributed import Dist
+
+    model, processor = build_tiny(seed=0, **KIMI_SMALL)
+    one = RunDir(tmp_path / "one", Dist()).export(wrap(model, processor), model)
+    run = RunDir(tmp_path / "sharded", Dist())
+    (run.path / ".tmp-final").mkdir()  # a crashed export's leftover is replaced, not merged
+    (run.path / ".tmp-final" / "junk.safetensors").write_text("x")
+    final = run.export(wrap(model, processor), model, max_shard_size="200KB")
+    shards = sorted(p.name for p in final.glob("*.safetensors"))
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    print(shards)
+    assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == shards
+    assert not (run.path / ".tmp-final").exists()
+    whole = load_file(one / "model.safetensors")  # the unsharded export: the same tensors
+    parts = {k: v for name in shards for k, v in load_file(final / name).items()}
+    assert parts.keys() == whole.keys() and all(torch.equal(parts[k], whole[k]) for k in whole)
+    back = AutoModelForImageTextToText.from_pretrained(final)
+    sd = model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in back.state_dict().items())

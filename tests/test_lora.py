@@ -16,6 +16,7 @@ from test_rl_loop import rl_config, toy  # noqa: F401  (toy is a fixture)
 from transformers import AutoModelForImageTextToText
 
 from thinkvl.config import ConfigError, load_config
+from thinkvl.train.checkpoint import read
 from thinkvl.train.lora import LoraSettings
 from thinkvl.train.sft import SFTConfig, train
 
@@ -44,8 +45,7 @@ def lora_run(tiny_dir, sft_data, tmp_path_factory) -> Path:
 
 def test_only_adapters_train_and_are_checkpointed(lora_run):
     ckpt = lora_run / "checkpoints" / f"step-{STEPS}"
-    model_sd = torch.load(ckpt / "model.pt", weights_only=True)
-    optim_sd = torch.load(ckpt / "optim.pt", weights_only=False)
+    model_sd, optim_sd = read(ckpt / "model"), read(ckpt / "optim")
     assert model_sd and all(".lora_A." in k or ".lora_B." in k for k in model_sd)
     # default targets: the LM's attention and dense-MLP projections, 2 layers x 8 (layer 0) / 5 + shared 3
     targets = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in model_sd}
@@ -95,8 +95,8 @@ def test_lora_two_processes_equal_one(lora_run, tiny_dir, sft_data, tmp_path):
     assert [m[0] for m in l2] == list(range(1, STEPS + 1))
     for a, b in zip(l1, l2):
         assert b[1] == pytest.approx(a[1], rel=1e-5) and b[2] == pytest.approx(a[2], rel=1e-4)
-    a1 = torch.load(lora_run / "checkpoints" / f"step-{STEPS}" / "model.pt", weights_only=True)
-    a2 = torch.load(two / "checkpoints" / f"step-{STEPS}" / "model.pt", weights_only=True)
+    a1 = read(lora_run / "checkpoints" / f"step-{STEPS}" / "model")
+    a2 = read(two / "checkpoints" / f"step-{STEPS}" / "model")  # written in shards by 2 processes
     assert a1.keys() == a2.keys() and all(torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-6) for k in a1)
     assert (two / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -149,9 +149,19 @@ def test_lora_over_a_bf16_base_trains_fp32_adapters(tiny_dir, sft_data, tmp_path
     from thinkvl.train.lora import attach
 
     lora_sft(tiny_dir, sft_data, tmp_path / "run", steps=2, **{"model.precision": "bf16_pure"})
-    adapters = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "model.pt", weights_only=True)
-    optim_sd = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "optim.pt", weights_only=False)
+    adapters = read(tmp_path / "run" / "checkpoints" / "step-2" / "model")
+    optim_sd = read(tmp_path / "run" / "checkpoints" / "step-2" / "optim")
     assert {v.dtype for v in adapters.values()} == {torch.float32}
     assert {st["exp_avg"].dtype for st in optim_sd["state"].values()} == {torch.float32}
     with pytest.raises(ConfigError, match=r"^model\.precision: bf16_pure with model\.lora under torchrun"):
         attach(load(str(tiny_dir)).model, LoraSettings(), "bf16_pure", world=2)
+
+
+def test_resume_with_another_lora_setting_is_refused(lora_run, tiny_dir, sft_data, tmp_path):
+    # A LoRA checkpoint holds adapters only: resuming it as full fine-tuning (or a full checkpoint
+    # with LoRA) would load a model that lacks weights; refused, naming the key.
+    cut = tmp_path / "cut"
+    shutil.copytree(lora_run, cut)
+    shutil.rmtree(cut / "final")
+    with pytest.raises(ConfigError, match=r"^model\.lora: the checkpoint lacks weights this run loads .* written with LoRA adapters"):
+        train(sft_config(tiny_dir, sft_data, cut, max_steps=STEPS + 2, save_every=2))

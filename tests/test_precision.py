@@ -20,6 +20,7 @@ from test_rl_loop import VERIFIER, toy  # noqa: F401  (toy is a fixture)
 
 from thinkvl.rl.loop import RLConfig
 from thinkvl.rl.loop import train as train_rl
+from thinkvl.train.checkpoint import read
 from thinkvl.train.sft import SFTConfig, StageConfig, train
 
 STEPS = 4
@@ -56,7 +57,7 @@ def bf16_dir(tiny_dir, tmp_path_factory) -> Path:
 def updates(run_dir: Path, start: Path) -> dict[str, torch.Tensor]:
     """Trained (checkpointed master) weights minus the start's, in float32."""
     init = AutoModelForImageTextToText.from_pretrained(start, dtype="auto").state_dict()
-    trained = torch.load(run_dir / "checkpoints" / f"step-{STEPS}" / "model.pt", weights_only=True)
+    trained = read(run_dir / "checkpoints" / f"step-{STEPS}" / "model")
     return {k: trained[k].float() - init[k].float() for k in init}
 
 
@@ -131,6 +132,7 @@ def test_kimi_vl_recipes_train_with_fp32_masters():
     for name, cls in [("sft", SFTConfig), ("longcot_sft", SFTConfig), ("rl", RLConfig)]:
         cfg = load_config(cls, root / f"{name}.yaml")
         assert cfg.model.precision == "bf16_mixed" and cfg.model.dtype == "bfloat16", name
+        assert cfg.save_every > 0, name  # checkpoints, which are always sharded (thinkvl.train.checkpoint)
 
 
 # --- RL ---------------------------------------------------------------------------------------

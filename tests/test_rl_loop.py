@@ -197,7 +197,9 @@ def test_run_without_signal_never_steps(toy, tmp_path):
             "loss.updates_per_iter": 2}
     out = tmp_path / "run"
     train(rl_config(toy, out, **over))
-    assert torch.load(out / "checkpoints" / "step-2" / "optim.pt", weights_only=False)["state"] == {}
+    ckpt = out / "checkpoints" / "step-2"  # no optimiser state to save: only the model's
+    assert json.loads((ckpt / "trainer.json").read_text())["optimizer_state"] is False
+    assert not (ckpt / "optim").exists() and (ckpt / "model" / ".metadata").is_file()
     train(rl_config(toy, out, **dict(over, iterations=3)))  # resumes from the empty optimiser state
     lines = metrics(out)
     assert [(m["step"], m["update_skipped"], m["zero_var_groups"]) for m in lines] == [(i, 1, 1.0) for i in (1, 2, 3)]
@@ -495,11 +497,12 @@ def test_two_processes_skip_together(toy, tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:
         assert r["tied"]["update_skipped"] == 1 and r["tied"]["loss"] is None
-        assert r["tied_optim_state_len"] == r["tied_saved_state_len"] == 0
+        assert r["tied_optim_state_len"] == r["loaded_optim_state_len"] == 0 and r["tied_saved_optim"] is False
         assert r["rank1_signal"]["update_skipped"] == 0 and r["rank1_signal"]["loss"] > 1e-3
         assert r["rank1_signal_optim_state_len"] > 0
     # the full weights, compared on rank 0: untouched by the skipped update, moved by the real one
     assert ranks[0]["tied_same_weights"] is True and ranks[0]["rank1_signal_same_weights"] is False
+    assert ranks[0]["loaded_same_weights"] is True
     assert ranks[0]["rank1_signal"]["loss"] == pytest.approx(ranks[1]["rank1_signal"]["loss"])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from thinkvl.train.schedule import Segment, lr_at
 
@@ -79,32 +80,47 @@ def test_adamw_fused_matches_the_per_tensor_loop_and_falls_back():
     assert adamw([{"params": [p64], "lr": 1e-3}], (0.9, 0.95)).defaults["fused"] is None
 
 
-def test_resuming_an_old_checkpoint_keeps_the_fused_kernel():
-    """A checkpoint written by the per-tensor loop optimiser (before `adamw` chose the fused
+class Params(torch.nn.Module):
+    """A module holding the given tensors as parameters p0, p1, ...: what a checkpoint saves."""
+
+    def __init__(self, *tensors):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_parameter(f"p{i}", torch.nn.Parameter(t.clone()))
+
+
+def round_trip(tmp_path, model, optim, model2, optim2):
+    """Save (model, optim) as a thinkvl checkpoint and load it into (model2, optim2)."""
+    from thinkvl.train import checkpoint as C
+    from thinkvl.train import distributed as D
+
+    d = D.setup("cpu")
+    C.save(tmp_path / "ckpts", 1, model, optim, {}, keep=1, d=d)
+    C.load(tmp_path / "ckpts" / "step-1", model2, optim2, d)
+
+
+def test_resuming_a_loop_optimisers_checkpoint_keeps_the_fused_kernel(tmp_path):
+    """A checkpoint written by the per-tensor loop optimiser (as before `adamw` chose the fused
     kernel) carries foreach=False/fused=None in its param groups; loading it keeps the fused
     kernel, and the moments and step count are the checkpoint's."""
-    import torch
-
-    from thinkvl.train import distributed as D
     from thinkvl.train.common import adamw
 
-    p = torch.nn.Parameter(torch.ones(4))
-    old = torch.optim.AdamW([{"params": [p], "lr": 0.1}], betas=(0.9, 0.95), foreach=False)
-    p.grad = torch.full((4,), 0.5)
+    a = Params(torch.ones(4))
+    old = torch.optim.AdamW([{"params": [a.p0], "lr": 0.1}], betas=(0.9, 0.95), foreach=False)
+    a.p0.grad = torch.full((4,), 0.5)
     old.step()
-    saved = old.state_dict()
-    assert saved["param_groups"][0]["fused"] is None
+    assert old.param_groups[0]["fused"] is None
 
-    q = torch.nn.Parameter(p.detach().clone())
-    new = adamw([{"params": [q], "lr": 0.1}], (0.9, 0.95))
-    D.load_optim_state(torch.nn.Linear(1, 1), new, saved, D.setup("cpu"))
+    b = Params(a.p0.detach())
+    new = adamw([{"params": [b.p0], "lr": 0.1}], (0.9, 0.95))
+    round_trip(tmp_path, a, old, b, new)
     assert new.param_groups[0]["fused"] is True and new.param_groups[0]["foreach"] is None
-    assert float(new.state[q]["step"]) == 1.0
-    assert torch.equal(new.state[q]["exp_avg"], old.state[p]["exp_avg"])
-    q.grad, p.grad = torch.full((4,), 0.5), torch.full((4,), 0.5)
+    assert float(new.state[b.p0]["step"]) == 1.0
+    assert torch.equal(new.state[b.p0]["exp_avg"], old.state[a.p0]["exp_avg"])
+    b.p0.grad, a.p0.grad = torch.full((4,), 0.5), torch.full((4,), 0.5)
     new.step()
     old.step()
-    assert torch.allclose(q, p, rtol=0, atol=1e-6)  # the same second step
+    assert torch.allclose(b.p0, a.p0, rtol=0, atol=1e-6)  # the same second step
 
 
 def test_sgd_optimizer_is_heavy_ball_momentum_by_hand():
@@ -167,40 +183,86 @@ def test_trainable_patterns_freeze_every_other_parameter():
         ModelConfig(trainable=[]).check("model")
 
 
-def test_resume_keeps_the_configs_hyperparameters_and_refuses_another_optimiser():
+def test_resume_keeps_the_configs_hyperparameters_and_refuses_another_optimiser(tmp_path):
     """Loading a checkpoint's optimiser state: the moments/buffers are the checkpoint's, the
     hyperparameters this run's config (a new momentum is not silently replaced by the old one);
     state written by the other optimiser, or for other trained parameters, is a ConfigError naming
     the key to change."""
-    import torch
-
     from thinkvl.config import ConfigError
-    from thinkvl.train import distributed as D
     from thinkvl.train.common import make_optimizer
 
-    d = D.setup("cpu")
-    p = torch.nn.Parameter(torch.ones(3))
-    old = make_optimizer([{"params": [p], "lr": 0.1, "weight_decay": 0.0}], "sgd", momentum=0.9)
-    p.grad = torch.full((3,), 2.0)
+    a = Params(torch.ones(3))
+    old = make_optimizer([{"params": [a.p0], "lr": 0.1, "weight_decay": 0.0}], "sgd", momentum=0.9)
+    a.p0.grad = torch.full((3,), 2.0)
     old.step()
-    saved = old.state_dict()
 
-    q = torch.nn.Parameter(p.detach().clone())
-    new = make_optimizer([{"params": [q], "lr": 0.1, "weight_decay": 0.0}], "sgd", momentum=0.5)
-    D.load_optim_state(torch.nn.Linear(1, 1), new, saved, d)
+    b = Params(a.p0.detach())
+    new = make_optimizer([{"params": [b.p0], "lr": 0.1, "weight_decay": 0.0}], "sgd", momentum=0.5)
+    round_trip(tmp_path / "same", a, old, b, new)
     assert new.param_groups[0]["momentum"] == 0.5  # the config's, not the checkpoint's 0.9
-    assert torch.equal(new.state[q]["momentum_buffer"], torch.full((3,), 2.0))  # the checkpoint's buffer
-    q.grad = torch.zeros(3)
+    assert torch.equal(new.state[b.p0]["momentum_buffer"], torch.full((3,), 2.0))  # the checkpoint's buffer
+    b.p0.grad = torch.zeros(3)
     new.step()  # v = 0.5 * 2 + 0 = 1; q = 0.8 - 0.1 * 1
-    assert torch.allclose(q.detach(), torch.full((3,), 0.7))
+    assert torch.allclose(b.p0.detach(), torch.full((3,), 0.7))
 
-    adam = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(3))], "lr": 0.1}], "adamw")
+    c = Params(torch.ones(3))
+    adam = make_optimizer([{"params": [c.p0], "lr": 0.1}], "adamw")
     with pytest.raises(ConfigError, match=r"^loss\.optimizer: the checkpoint's optimiser state is sgd's"):
-        D.load_optim_state(torch.nn.Linear(1, 1), adam, saved, d)
-    other = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(4))], "lr": 0.1}], "sgd")
+        round_trip(tmp_path / "adam", a, old, c, adam)
+    c = Params(torch.ones(4))
+    other = make_optimizer([{"params": [c.p0], "lr": 0.1}], "sgd")
     with pytest.raises(ConfigError, match=r"^model\.trainable / model\.freeze_\*: the checkpoint's optimiser state"):
-        D.load_optim_state(torch.nn.Linear(1, 1), other, saved, d)
-    two = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))],
-                           "lr": 0.1}], "sgd")
-    with pytest.raises(ConfigError, match=r"^model\.trainable"):
-        D.load_optim_state(torch.nn.Linear(1, 1), two, saved, d)
+        round_trip(tmp_path / "shape", a, old, c, other)
+    two = Params(torch.ones(3), torch.ones(3))
+    both = make_optimizer([{"params": [two.p0, two.p1], "lr": 0.1}], "sgd")
+    two.p0.grad, two.p1.grad = torch.ones(3), torch.ones(3)
+    both.step()
+    c = Params(torch.ones(3))
+    one = make_optimizer([{"params": [c.p0], "lr": 0.1}], "sgd")
+    with pytest.raises(ConfigError, match=r"^model\.trainable"):  # state for a parameter it does not train
+        round_trip(tmp_path / "two", two, both, c, one)
+
+
+def test_never_stepped_optimiser_is_saved_empty_and_resumes_fresh(tmp_path):
+    """An optimiser without state (RL skipped every step so far) is checkpointed without any: torch's
+    get_state_dict would run its zero-lr initialising step first (AdamW step count 1, a smaller first
+    real step). Loading such a checkpoint leaves the new optimiser fresh; the next steps equal the
+    uninterrupted run's bit for bit."""
+    import json
+
+    from thinkvl.train.common import adamw
+
+    a = Params(torch.linspace(-1, 1, 5))
+    first = adamw([{"params": [a.p0], "lr": 0.1, "weight_decay": 0.1}], (0.9, 0.95))
+    b = Params(torch.zeros(5))
+    second = adamw([{"params": [b.p0], "lr": 0.1, "weight_decay": 0.1}], (0.9, 0.95))
+    round_trip(tmp_path, a, first, b, second)
+    ckpt = tmp_path / "ckpts" / "step-1"
+    assert not first.state and not second.state
+    assert not (ckpt / "optim").exists() and json.loads((ckpt / "trainer.json").read_text())["optimizer_state"] is False
+    assert torch.equal(b.p0, a.p0)
+    for _ in range(2):
+        a.p0.grad, b.p0.grad = torch.full((5,), 0.3), torch.full((5,), 0.3)
+        first.step()
+        second.step()
+    assert torch.equal(b.p0, a.p0) and float(second.state[b.p0]["step"]) == 2.0
+
+
+def test_parameter_without_saved_state_gets_none_on_resume(tmp_path):
+    """A parameter that never had a gradient (a vision tower in text-only RL) has no optimiser state in
+    the checkpoint; after loading it has none either (not the initialised step-1 state torch fills
+    in), so its first real step is a first step, as in the uninterrupted run."""
+    from thinkvl.train.common import adamw
+
+    a = Params(torch.ones(3), torch.ones(2))
+    first = adamw([{"params": [a.p0, a.p1], "lr": 0.1}], (0.9, 0.95))
+    a.p0.grad = torch.full((3,), 0.5)
+    first.step()
+    b = Params(a.p0.detach(), a.p1.detach())
+    second = adamw([{"params": [b.p0, b.p1], "lr": 0.1}], (0.9, 0.95))
+    round_trip(tmp_path, a, first, b, second)
+    assert set(second.state) == {b.p0} and float(second.state[b.p0]["step"]) == 1.0
+    for m, opt in ((a, first), (b, second)):
+        m.p0.grad, m.p1.grad = torch.full((3,), 0.2), torch.full((2,), -0.4)
+        opt.step()
+    assert torch.equal(b.p0, a.p0) and torch.equal(b.p1, a.p1)

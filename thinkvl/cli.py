@@ -23,6 +23,7 @@ import sys
 from thinkvl.config import ConfigError
 from thinkvl.data.formats import DataError
 from thinkvl.demo.tasks import ANSWER_STYLES
+from thinkvl.train.checkpoint import CheckpointError
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"thinkvl: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,7 @@ models through `AutoModelForCausalLM` + `AutoTokenizer`; `trust_remote_code` sta
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,18 +79,23 @@ def load(
     attn_implementation: str | None = "varlen",
     chat_template: str | None = None,
     seed: int = 0,
+    meta: bool = False,
 ) -> Loaded:
     """Load a model and its processor by name (`tiny`), local folder or cached hub id.
 
     attn_implementation: the language model's attention (`thinkvl.models.attention.CHOICES`);
     `varlen` (default) is SDPA run per packed example, None keeps what the checkpoint says.
+    meta: build the model on the meta device (shapes only, no memory, weights not read); under
+    torchrun the ranks other than 0 do this and get their shards of rank 0's weights when the model
+    is sharded (`train.distributed.shard_from_rank0`).
     """
     # `auto`: the checkpoint's own dtype (config.json), float32 for the tiny model
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if name_or_path == TINY:
         from thinkvl.models.tiny import build_tiny
 
-        model, processor = build_tiny(seed=seed)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = build_tiny(seed=seed)
         if dtype != "auto":
             model.to(dtype)
         is_vlm = True
@@ -100,15 +106,30 @@ def load(
         kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kw["attn_implementation"] = "sdpa" if attn_implementation == "varlen" else attn_implementation
-        if is_vlm:
-            model = AutoModelForImageTextToText.from_pretrained(src, **kw)
-            processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+        auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        if meta:
+            if kw["dtype"] == "auto":  # from_config takes a dtype, not `auto`: the one in config.json
+                kw["dtype"] = getattr(config, "dtype", None) or torch.float32
+            with torch.device("meta"):
+                model = auto.from_config(config, **kw)
+            model.generation_config = _generation_config(src, model.generation_config)
         else:
-            model = AutoModelForCausalLM.from_pretrained(src, **kw)
-            processor = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+            model = auto.from_pretrained(src, **kw)
+        processor_cls = AutoProcessor if is_vlm else AutoTokenizer
+        processor = processor_cls.from_pretrained(src, trust_remote_code=trust_remote_code)
     if attn_implementation:
         set_attention(model, attn_implementation)
     return wrap(model, processor, chat_template=chat_template)
+
+
+def _generation_config(src: str, default):
+    """The checkpoint's generation_config.json (what from_pretrained would set), else `default`."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(src)
+    except OSError:
+        return default
 
 
 def wrap(model: PreTrainedModel, processor, chat_template: str | None = None) -> Loaded:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ import torch
 
 from thinkvl.config import ConfigError, save_config
 from thinkvl.models.load import Loaded
+from thinkvl.train import checkpoint as C
 from thinkvl.train import distributed as D
 from thinkvl.train import lora as lora_
 from thinkvl.train.lora import LoraSettings
@@ -233,75 +234,47 @@ class RunDir:
                 if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
         self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
-    # --- checkpoints -------------------------------------------------------------------------
+    # --- checkpoints (thinkvl.train.checkpoint: crash-safe, data only) -----------------------
     def latest_checkpoint(self) -> Path | None:
-        if not self.ckpt_dir.exists():
-            return None
-        steps = sorted((int(p.name.split("-")[1]), p) for p in self.ckpt_dir.glob("step-*")
-                       if (p / "state.json").exists())
-        return steps[-1][1] if steps else None
+        found = C.complete(self.ckpt_dir)
+        return found[-1] if found else None
 
     def save_checkpoint(self, step: int, model, optim, state: dict, keep: int = 2) -> None:
-        """Model, optimiser, trainer state (data position, sampler, RNG); written atomically."""
-        model_sd = D.full_state_dict(model, self.d)
-        if self.lora is not None:  # the base weights never change
-            model_sd = lora_.adapter_state(model_sd)
-        optim_sd = D.optim_state(model, optim, self.d)
-        if self.d.main:
-            tmp = self.ckpt_dir / f".tmp-step-{step}"
-            tmp.mkdir(parents=True, exist_ok=True)
-            torch.save(model_sd, tmp / "model.pt")
-            torch.save(optim_sd, tmp / "optim.pt")
-            state = dict(state, step=step, rng=rng_state())
-            torch.save(state, tmp / "trainer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step}))
-            final = self.ckpt_dir / f"step-{step}"
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            tmp.rename(final)
-            old = sorted((int(p.name.split("-")[1]), p) for p in self.ckpt_dir.glob("step-*"))[:-keep]
-            for _, p in old:
-                import shutil
-
-                shutil.rmtree(p)
-        D.barrier(self.d)
+        """Model, optimiser (sharded, each rank its own part), trainer state (data position, sampler,
+        RNG); crash-safe, see thinkvl.train.checkpoint. With LoRA only the trainable weights (the
+        adapters) are kept: the base weights never change."""
+        C.save(self.ckpt_dir, step, model, optim, state, keep, self.d, trainable_only=self.lora is not None)
 
     def load_checkpoint(self, path: Path, model, optim) -> dict:
-        D.load_full_state_dict(model, torch.load(path / "model.pt", weights_only=True), self.d,
-                               strict=self.lora is None)
-        D.load_optim_state(model, optim, torch.load(path / "optim.pt", weights_only=False), self.d)
-        state = torch.load(path / "trainer.pt", weights_only=False)
-        set_rng_state(state["rng"])
-        return state
+        return C.load(path, model, optim, self.d, trainable_only=self.lora is not None)
 
-    def export(self, loaded: Loaded, model, dtype: torch.dtype | None = None) -> Path:
+    def export(self, loaded: Loaded, model, dtype: torch.dtype | None = None, max_shard_size: str = "5GB") -> Path:
         """Write final/ in Hugging Face format (model + processor/tokenizer), loadable without thinkvl;
         floating-point weights in `dtype` (the checkpoint's own) when given. With LoRA: the merged
-        model, and the adapter in final/adapter/."""
+        model, and the adapter in final/adapter/.
+
+        Only the model's weights are gathered, tensor by tensor onto rank 0's CPU (no optimiser
+        state); transformers' save_pretrained writes them as safetensors shards of at most
+        `max_shard_size` with an index (one `model.safetensors` when they fit in one), in the
+        checkpoint layout transformers loads. Written into .tmp-final/ and renamed, like a checkpoint."""
         sd = D.full_state_dict(model, self.d)
         if self.d.main:
+            tmp = self.path / ".tmp-final"
+            if tmp.exists():
+                shutil.rmtree(tmp)
             if self.lora is not None:
-                lora_.save_adapter(self.lora, sd, self.final_dir / "adapter")
+                lora_.save_adapter(self.lora, sd, tmp / "adapter")
                 sd = lora_.merged_state(sd, lora_.scalings(model))
             if dtype is not None:
                 sd = export_state(sd, dtype)
-            loaded.model.save_pretrained(self.final_dir, state_dict=sd)
+            loaded.model.save_pretrained(tmp, state_dict=sd, max_shard_size=max_shard_size)
             if dtype is not None:  # save_pretrained recorded the trained copy's dtype
-                write_config_dtype(loaded.model.config, dtype, self.final_dir)
-            loaded.processor.save_pretrained(self.final_dir)
+                write_config_dtype(loaded.model.config, dtype, tmp)
+            loaded.processor.save_pretrained(tmp)
+            C.fsync_tree(tmp)
+            C.publish(tmp, self.final_dir)
         D.barrier(self.d)
         return self.final_dir
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
 
 
 class Timer:

@@ -70,6 +70,29 @@ def shard(model: torch.nn.Module, d: Dist, mp_policy=None) -> torch.nn.Module:
     return model
 
 
+def shard_from_rank0(model: torch.nn.Module, d: Dist, mp_policy=None) -> torch.nn.Module:
+    """Shard a model that rank 0 loaded and the other ranks built on the meta device
+    (`models.load.load(..., meta=True)`), then give every rank its shards of rank 0's weights, one
+    tensor at a time (`set_model_state_dict(..., broadcast_from_rank0=True)`). Before, every rank
+    loaded the whole model and then sharded it; now rank 0 peaks at the whole model plus its shards
+    and the other ranks at their shards plus one whole tensor in flight (measured: docs/scale.md).
+    `mp_policy` as in `shard`. One process: moved to the device, nothing else."""
+    if not d.enabled:
+        return model.to(d.device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if d.main else {}  # rank 0's whole tensors, kept alive past fully_shard
+    model = shard(model, d, mp_policy)
+    if not d.main:
+        model.to_empty(device=d.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    # Buffers that are not in the state dict (rotary frequencies) were never filled on the meta ranks.
+    for _, buf in model.named_buffers():
+        dist.broadcast(buf, src=0)
+    return model
+
+
 def all_reduce_sum(x: float | torch.Tensor, d: Dist) -> float:
     if not d.enabled:
         return float(x)
@@ -98,65 +121,6 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
             sd[name] = sd[first[id(p)]]
         first.setdefault(id(p), name)
     return sd
-
-
-def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], d: Dist, strict: bool = True) -> None:
-    """`strict=False`: `state` holds only some of the weights (LoRA adapters); the rest stay."""
-    if not d.enabled:
-        result = model.load_state_dict(state, strict=strict)
-        if result.unexpected_keys:
-            raise ValueError(f"the checkpoint holds weights this model lacks: {result.unexpected_keys[:3]}")
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
-
-
-def optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:
-    """The optimiser state to checkpoint (full, on CPU, under FSDP2).
-
-    An optimiser that has not stepped yet (RL skips steps without signal) is saved as it is, empty:
-    torch's `get_optimizer_state_dict` would first run a step with zero gradients and lr 0 on it,
-    which sets AdamW's step count to 1 and so shrinks its first real step (bias correction)."""
-    if not d.enabled or not optim.state:
-        return optim.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, state: dict, d: Dist) -> None:
-    """Load a checkpoint's optimiser state (moments, momentum buffers, step counts) while this run's
-    config keeps every hyperparameter and implementation choice of its param groups (lr, betas,
-    momentum, weight decay, fused/foreach): a checkpoint written before `train.common.adamw` chose
-    the fused kernel would otherwise switch it off for the whole run, and a resumed run with a new
-    `loss.momentum` would silently keep the old one.
-
-    Raises ConfigError when the checkpoint was written by another optimiser (`loss.optimizer`) or
-    for another set of trained parameters (`model.trainable`, `model.freeze_*`)."""
-    from thinkvl.config import ConfigError
-
-    mine = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
-    saved_groups = state.get("param_groups", [])
-    kind = lambda groups: "sgd" if any("momentum" in g for g in groups) else "adamw"  # noqa: E731
-    if saved_groups and kind(saved_groups) != kind(mine):
-        raise ConfigError(f"loss.optimizer: the checkpoint's optimiser state is {kind(saved_groups)}'s, this "
-                          f"run's optimiser is {kind(mine)}; resume with the same optimiser or use a new out_dir")
-    if not d.enabled:
-        params = [p for g in optim.param_groups for p in g["params"]]
-        same = [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in optim.param_groups]
-        same = same and all(t.shape == params[i].shape for i, st in state.get("state", {}).items()
-                            for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
-        if not same:
-            raise ConfigError("model.trainable / model.freeze_*: the checkpoint's optimiser state is for other "
-                              "trained parameters than this run's; resume with the same settings or use a new out_dir")
-        optim.load_state_dict(state)
-    elif state.get("state"):  # an empty state (no step taken yet) leaves this fresh optimiser as it is
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
-    for g, keep in zip(optim.param_groups, mine):
-        g.update(keep)
 
 
 def cleanup(d: Dist) -> None:

@@ -308,13 +308,14 @@ def train(cfg: SFTConfig) -> RunDir:
     run.add_backend(cfg.logging_backend)
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
-                  cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed)
+                  cfg.model.attn_implementation, cfg.model.chat_template, seed=cfg.model.seed,
+                  meta=d.enabled and not d.main)  # ranks > 0 get their shards from rank 0 (shard_from_rank0)
     ckpt_dtype = P.prepare(loaded.model, cfg.model.precision)
     cfg.model.dtype = str(ckpt_dtype).removeprefix("torch.")  # `auto` resolved, as final/ is written
     if cfg.model.lora is not None:
         run.lora = lora_.attach(loaded.model, cfg.model.lora, cfg.model.precision, d.world)  # in place: loaded.model gets the adapters
     run.save_config(cfg)
-    model = loaded.model.to(d.device)
+    model = loaded.model
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if run.lora is not None:  # frozen embeddings: recomputed blocks must still pass gradients on
@@ -355,7 +356,7 @@ def train(cfg: SFTConfig) -> RunDir:
 
     # Shard first: fully_shard replaces the parameters with sharded ones, and the optimiser must
     # hold those (built from the old ones it would update orphans and the model would never move).
-    model = D.shard(model, d, P.mp_policy(cfg.model.precision))
+    model = D.shard_from_rank0(model, d, P.mp_policy(cfg.model.precision))
     groups = param_groups(model, cfg.model, cfg.stages[0].lr_peak, cfg.optim.weight_decay)
     optim = adamw(groups, (cfg.optim.beta1, cfg.optim.beta2))
 
