@@ -42,8 +42,8 @@ from thinkvl.rewards.length import group_length_rewards, length_weight
 from thinkvl.rewards.verifiers import format_ok, get_verifier, safe_score
 from thinkvl.rl.losses import LOSSES, get_loss, mirror_descent_stats
 from thinkvl.rl.samplers import SAMPLER_KINDS, build_sampler
-from thinkvl.rollout.engine import SamplingParams
-from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
+from thinkvl.rollout.engine import SamplingParams, VLLMSettings, build_engine
+from thinkvl.rollout.hf_engine import media_token_ids
 from thinkvl.rollout.types import Rollout
 from thinkvl.train import distributed as D
 from thinkvl.train.common import OPTIMIZERS, ModelConfig, RunDir, Timer, make_optimizer, param_groups, set_lr
@@ -72,7 +72,13 @@ class RolloutConfig:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    batch_size: int = 64  # sequences per generation batch
+    batch_size: int = 64  # sequences per generation batch (hf engine)
+    engine: Literal["hf", "vllm"] = "hf"  # hf: thinkvl's sampling loop; vllm: a vLLM worker (rollout.vllm)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    # recompute the recorded log-probs (log pi_i of the loss) with the trainer's forward before the
+    # update; None = only for the vllm engine, whose kernels, ban bias and top-p renormalisation
+    # differ from the trainer's (thinkvl.rollout.vllm_engine). Logged as logprob_gap/{mean,max}.
+    recompute_logprobs: bool | None = None
 
 
 @dataclass
@@ -255,6 +261,25 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
     return logp
 
 
+@torch.no_grad()
+def recompute_logprobs(model, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLConfig) -> dict[str, float]:
+    """Replace each rollout's recorded log-probs by the trainer's (same micro-batches as `update`, so
+    FSDP ranks run the same number of forwards); returns the engine-vs-trainer gap per token."""
+    per_mb = max(k, (cfg.loss.responses_per_micro_batch // k) * k)
+    share_prompt = cfg.loss.share_prompt and uses_varlen(model)
+    gap_sum, gap_max, n = 0.0, 0.0, 0
+    for start in range(0, len(flat), per_mb):
+        mb = flat[start : start + per_mb]
+        logp = response_logprobs(model, mb, loaded, cfg.rollout.temperature, share_prompt=share_prompt).float().cpu()
+        for i, r in enumerate(mb):
+            new = logp[i, : r.length]
+            if r.length and r.logprobs:
+                diff = (new - torch.tensor(r.logprobs[: r.length])).abs()
+                gap_sum, gap_max, n = gap_sum + float(diff.sum()), max(gap_max, float(diff.max())), n + r.length
+            r.logprobs = new.tolist()
+    return {"logprob_gap/mean": gap_sum / max(n, 1), "logprob_gap/max": gap_max}
+
+
 def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLConfig, d: D.Dist,
            loss_fn, n_global: int) -> dict[str, float]:
     """One optimiser step over this rank's responses (whole groups per micro-batch)."""
@@ -399,8 +424,12 @@ def train(cfg: RLConfig) -> RunDir:
     # Under FSDP2 every forward is a collective, but generation runs a different number of forwards on
     # each rank (rows finish at different steps, chunk counts differ): rollouts and evals therefore come
     # from an unsharded replica, refreshed from the trained weights before use.
+    # The vllm engine's worker holds its own copy of the weights, synced before every generation.
+    use_vllm = cfg.rollout.engine == "vllm"
     gen = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)) if d.enabled else loaded
-    engine = HFEngine(gen, batch_size=cfg.rollout.batch_size)
+    engine = build_engine(cfg.rollout.engine, gen, cfg.model.path, cfg.rollout.batch_size, cfg.rollout.vllm,
+                          seed=cfg.seed * 1_000_003 + d.rank, trust_remote_code=cfg.model.trust_remote_code)
+    recompute = use_vllm if cfg.rollout.recompute_logprobs is None else cfg.rollout.recompute_logprobs
 
     @torch.no_grad()
     def rollout_policy() -> Loaded:
@@ -448,8 +477,14 @@ def train(cfg: RLConfig) -> RunDir:
         model.eval()
         t0 = time.perf_counter()
         with timer("generate"), torch.no_grad():
-            rollout_policy()
+            if use_vllm:
+                engine.wake_up()
+                engine.sync_weights(model)  # under FSDP2 gathers one tensor at a time
+            else:
+                rollout_policy()
             rollouts = engine.generate([prompts[i] for i in mine], k, sampling)
+            if use_vllm:
+                engine.sleep()  # GPU: give the memory back to the trainer (no-op on CPU)
         gen_s = time.perf_counter() - t0
         model.train()
         with timer("score"):
@@ -457,6 +492,10 @@ def train(cfg: RLConfig) -> RunDir:
         flat = [r for g in rollouts for r in g]
         check_no_banned(flat, banned)
         n_global = int(D.all_reduce_sum(len(flat), d))
+        gap = {}
+        if recompute:
+            with timer("ref_logprobs"):
+                gap = recompute_logprobs(model, flat, k, loaded, cfg)
         t1 = time.perf_counter()
         with timer("update"):
             for _ in range(cfg.loss.updates_per_iter):
@@ -468,7 +507,7 @@ def train(cfg: RLConfig) -> RunDir:
             sampler.update(all_idx, all_rates)
         m = rollout_metrics(flat, k)
         n_tok = sum(r.length for r in flat)
-        metrics = {"step": it + 1, **m, **upd, "lr": cfg.loss.lr,
+        metrics = {"step": it + 1, **m, **upd, **gap, "lr": cfg.loss.lr,
                    "length_weight": length_weight(it, cfg.length_penalty.weight, cfg.length_penalty.warmup_iters),
                    "gen_tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1),
                    "train_tokens_per_s": round(sum(len(r.prompt_ids) + r.length for r in flat)
@@ -486,6 +525,8 @@ def train(cfg: RLConfig) -> RunDir:
         if (cfg.save_every and done % cfg.save_every == 0) or last:
             run.save_checkpoint(done, model, optim, {"sampler": sampler.state_dict()})
     bar.close()
+    if use_vllm:
+        engine.close()
     run.export(loaded, model)
     D.cleanup(d)
     return run

@@ -60,7 +60,7 @@ class VLLMSettings:
     python: str = ""  # the vLLM environment's python; "" = $THINKVL_VLLM_PYTHON, else this python
     dtype: str = "auto"  # vLLM's dtype; "auto" = the checkpoint's
     max_model_len: int = 4096  # prompt + response tokens at most
-    kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE (vLLM otherwise reserves ~16-20 GiB)
+    kv_cache_gib: float = 1.0  # KV cache size (kv_cache_memory_bytes); on CPU vLLM otherwise takes ~16-20 GiB
     gpu_memory_utilization: float = 0.5  # GPU: the share vLLM takes (the trainer needs the rest)
     sleep: bool = False  # GPU: free vLLM's memory while the trainer updates (`sleep`/`wake_up`)
     enforce_eager: bool = True  # no CUDA graphs / torch.compile: quicker start, slower decode on GPU

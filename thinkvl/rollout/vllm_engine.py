@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -178,12 +179,12 @@ class VLLMEngine:
         authkey = secrets.token_hex(16)
         worker_settings = {"model": model_path, "dtype": s.dtype, "seed": seed, "max_model_len": s.max_model_len,
                            "enforce_eager": s.enforce_eager, "trust_remote_code": trust_remote_code,
-                           "enable_sleep_mode": s.sleep}
+                           "enable_sleep_mode": s.sleep, "kv_cache_memory_bytes": int(s.kv_cache_gib * 2**30)}
         if torch.cuda.is_available():
             worker_settings["gpu_memory_utilization"] = s.gpu_memory_utilization
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the other env's packages only
         env.update(THINKVL_VLLM_AUTHKEY=authkey, THINKVL_VLLM_SETTINGS=json.dumps(worker_settings),
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=f"{s.kv_cache_gib:g}")
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=str(max(1, math.ceil(s.kv_cache_gib))))  # whole GiB only
         self.log_path = os.path.join(self._dir, "worker.log")
         t0 = time.perf_counter()
         with open(self.log_path, "wb") as logf:

@@ -53,6 +53,8 @@ def _llm(settings: dict):
         enable_prefix_caching=True,
         trust_remote_code=bool(settings.get("trust_remote_code", False)),
     )
+    if settings.get("kv_cache_memory_bytes"):
+        kw["kv_cache_memory_bytes"] = int(settings["kv_cache_memory_bytes"])
     if settings.get("gpu_memory_utilization") is not None:
         kw["gpu_memory_utilization"] = float(settings["gpu_memory_utilization"])
     if settings.get("enable_sleep_mode"):
