@@ -293,3 +293,46 @@ def test_rl_with_vllm_matches_hf_losses_on_the_same_tokens(text, tmp_path, monke
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)  # ~0 at the first step: float noise only
     assert len({m["reward"] for m in mv}) > 1 or mv[0]["loss"] > 0  # a run that had signal
+
+
+# --- label, distill and eval with engine=vllm -----------------------------------------------------------
+
+
+@needs_vllm
+def test_label_distill_and_eval_run_on_vllm(text, tmp_path, monkeypatch):
+    """Each stage reaches a VLLMEngine through its `rollout.engine` key (eval: --engine), and eval's
+    greedy responses equal those of the HF engine."""
+    from thinkvl.config import load_config
+    from thinkvl.distill.longcot import DistillConfig, build
+    from thinkvl.eval.evaluate import main as eval_main
+    from thinkvl.rl.difficulty import LabelConfig, label
+
+    _, _, text_dir = text
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(
+        json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": q}], "answer": "3"}) + "\n"
+        for i, q in enumerate(TEXT_PROMPTS)))
+    calls: list[int] = []
+    real_generate = VLLMEngine.generate
+
+    def counting(self, prompts, n, sampling):
+        calls.append(len(prompts) * n)
+        return real_generate(self, prompts, n, sampling)
+
+    monkeypatch.setattr(VLLMEngine, "generate", counting)
+    vllm_keys = ["rollout.engine=vllm", f"rollout.vllm.python={PY}", "rollout.vllm.kv_cache_gib=0.25"]
+    out = label(load_config(LabelConfig, None, [f"model={text_dir}", f"problems={problems}", "n=2",
+                                                 f"out={tmp_path / 'labelled.jsonl'}", "max_new_tokens=6", *vllm_keys]))
+    rates = [json.loads(line)["difficulty"] for line in out.read_text().splitlines()]
+    assert calls == [6] and len(rates) == 3 and all(r in (0.0, 0.5, 1.0) for r in rates)
+    build(load_config(DistillConfig, None, [f"problems={problems}", "teacher.kind=local", f"teacher.model={text_dir}",
+                                            "teacher.max_tokens=6", "k=2", f"out={tmp_path / 'longcot.jsonl'}",
+                                            *vllm_keys]))
+    assert calls == [6, 6] and json.loads((tmp_path / "longcot.jsonl.stats.json").read_text())["samples"] == 6
+    for engine in ("vllm", "hf"):
+        assert eval_main(["--model", text_dir, "--data", str(problems), "--k", "0", "--max-new-tokens", "8",
+                          "--engine", engine, "--vllm-python", PY, "--out", str(tmp_path / engine)]) == 0
+    assert calls == [6, 6, 3]
+    greedy = {e: [json.loads(line)["greedy_response"] for line in (tmp_path / e / "responses.jsonl").read_text().splitlines()]
+              for e in ("vllm", "hf")}
+    assert greedy["vllm"] == greedy["hf"] and len(greedy["hf"]) == 3

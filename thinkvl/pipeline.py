@@ -28,6 +28,7 @@ from typing import Literal
 import yaml
 
 from thinkvl.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from thinkvl.rollout.engine import EngineConfig, build_engine
 
 log = logging.getLogger("thinkvl")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -54,6 +55,7 @@ class EvalSpec:
     k: int = 4  # samples for pass@k
     max_new_tokens: int = 256
     verifier: str = "math"
+    rollout: EngineConfig = field(default_factory=EngineConfig)  # eval.rollout.engine: hf | vllm
 
 
 @dataclass
@@ -169,8 +171,12 @@ def evaluate_stage(model_dir: str, ctx: Context, out: Path) -> dict:
     problems = read_records(ctx.fill(e.problems), "problem", limit=e.limit)
     loaded = load(model_dir)
     loaded.model.eval()
-    res = evaluate(loaded, problems, verifier=e.verifier, k=e.k, max_new_tokens=e.max_new_tokens,
-                   seed=ctx.cfg.seed)
+    engine = build_engine(e.rollout.engine, loaded, model_dir, vllm=e.rollout.vllm, seed=ctx.cfg.seed)
+    try:
+        res = evaluate(loaded, problems, verifier=e.verifier, k=e.k, max_new_tokens=e.max_new_tokens,
+                       seed=ctx.cfg.seed, engine=engine)
+    finally:
+        getattr(engine, "close", lambda: None)()
     write_eval(res, out / "eval")
     return json.loads((out / "eval" / "summary.json").read_text())
 

@@ -59,7 +59,7 @@ class VLLMSettings:
 
     python: str = ""  # the vLLM environment's python; "" = $THINKVL_VLLM_PYTHON, else this python
     dtype: str = "auto"  # vLLM's dtype; "auto" = the checkpoint's
-    max_model_len: int = 4096  # prompt + response tokens at most
+    max_model_len: int | None = None  # prompt + response tokens at most; None = the model's own limit
     kv_cache_gib: float = 1.0  # KV cache size (kv_cache_memory_bytes); on CPU vLLM otherwise takes ~16-20 GiB
     gpu_memory_utilization: float = 0.5  # GPU: the share vLLM takes (the trainer needs the rest)
     sleep: bool = False  # GPU: free vLLM's memory while the trainer updates (`sleep`/`wake_up`)
@@ -72,7 +72,6 @@ class EngineConfig:
     """Which engine generates (the `rollout` section of the label and distill recipes)."""
 
     engine: Literal["hf", "vllm"] = "hf"  # hf: thinkvl's own loop; vllm: a vLLM worker (own environment)
-    batch_size: int = 64  # hf: sequences decoded together
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
 
