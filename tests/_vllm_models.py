@@ -19,13 +19,13 @@ from transformers import (
 
 from conftest import QWEN_TEMPLATE, qwen_tokenizer
 
-# The dev venv of the README (`scripts/vllm_venv.sh`); CI sets THINKVL_VLLM_PYTHON to the one it builds.
-DEFAULT_VLLM_PYTHON = "/work/venv-vllm/bin/python"
+# Where `scripts/vllm_venv.sh` builds vLLM's environment by default; THINKVL_VLLM_PYTHON overrides it.
+DEFAULT_VLLM_PYTHON = "~/.cache/thinkvl/venv-vllm/bin/python"
 
 
 def vllm_python() -> str | None:
     """The vLLM environment's python, or None (the vLLM tests are then skipped)."""
-    path = os.environ.get("THINKVL_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON
+    path = os.path.expanduser(os.environ.get("THINKVL_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON)
     return path if Path(path).exists() else None
 
 
