@@ -87,7 +87,8 @@ def test_collapse_image_runs():
 
 
 def test_shared_weights_round_trip():
-    tensors = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)), ("b", torch.tensor([1, 2], dtype=torch.bfloat16)),
+    tensors = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)),
+               ("b", torch.tensor([1, 2], dtype=torch.bfloat16)),
                ("c", torch.randn(3, 5)[:, 1:4])]  # not contiguous
     shm = SharedWeights()
     try:
@@ -333,6 +334,6 @@ def test_label_distill_and_eval_run_on_vllm(text, tmp_path, monkeypatch):
         assert eval_main(["--model", text_dir, "--data", str(problems), "--k", "0", "--max-new-tokens", "8",
                           "--engine", engine, "--vllm-python", PY, "--out", str(tmp_path / engine)]) == 0
     assert calls == [6, 6, 3]
-    greedy = {e: [json.loads(line)["greedy_response"] for line in (tmp_path / e / "responses.jsonl").read_text().splitlines()]
-              for e in ("vllm", "hf")}
+    greedy = {e: [json.loads(line)["greedy_response"]
+                  for line in (tmp_path / e / "responses.jsonl").read_text().splitlines()] for e in ("vllm", "hf")}
     assert greedy["vllm"] == greedy["hf"] and len(greedy["hf"]) == 3

@@ -171,7 +171,8 @@ class VLLMEngine:
             worker_settings["gpu_memory_utilization"] = s.gpu_memory_utilization
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the other env's packages only
         env.update(THINKVL_VLLM_AUTHKEY=authkey, THINKVL_VLLM_SETTINGS=json.dumps(worker_settings),
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=str(max(1, math.ceil(s.kv_cache_gib))))  # whole GiB only
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                   VLLM_CPU_KVCACHE_SPACE=str(max(1, math.ceil(s.kv_cache_gib))))  # whole GiB only
         self.log_path = os.path.join(self._dir, "worker.log")
         t0 = time.perf_counter()
         with open(self.log_path, "wb") as logf:
