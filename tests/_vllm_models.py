@@ -24,8 +24,16 @@ DEFAULT_VLLM_PYTHON = "~/.cache/thinkvl/venv-vllm/bin/python"
 
 
 def vllm_python() -> str | None:
-    """The vLLM environment's python, or None (the vLLM tests are then skipped)."""
-    path = os.path.expanduser(os.environ.get("THINKVL_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON)
+    """The vLLM environment's python, or None: the vLLM tests are then skipped.
+
+    Skipped only when THINKVL_VLLM_PYTHON is unset and the default folder holds no venv (a developer
+    machine without vLLM). When the variable is set (CI sets it from scripts/vllm_venv.sh) it is
+    returned as it is, so a path that does not exist or a python without vLLM fails the tests
+    loudly instead of skipping them."""
+    env = os.environ.get("THINKVL_VLLM_PYTHON")
+    if env:
+        return os.path.expanduser(env)
+    path = os.path.expanduser(DEFAULT_VLLM_PYTHON)
     return path if Path(path).exists() else None
 
 
