@@ -4,8 +4,9 @@ tower included), log-probs equal the trainer's by their definition, stop strings
 agree, and RL iterations with engine=vllm give the HF engine's losses on the same tokens.
 
 The vLLM tests need vLLM's own environment (`scripts/vllm_venv.sh`; $THINKVL_VLLM_PYTHON points at
-its python) and are skipped without it. Tiny Qwen2 / Qwen2.5-VL with head_dim 32: vLLM's CPU
-attention refuses head_dim 16.
+its python). They are skipped only when $THINKVL_VLLM_PYTHON is unset and the script's default
+folder is empty; a set variable that points at no working vLLM fails them (CI sets it).
+Tiny Qwen2 / Qwen2.5-VL with head_dim 32: vLLM's CPU attention refuses head_dim 16.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from thinkvl.rollout.vllm_engine import SharedWeights, VLLMEngine, collapse_imag
 torch.set_num_threads(1)
 
 PY = vllm_python()
-needs_vllm = pytest.mark.skipif(PY is None, reason="no vLLM environment: run scripts/vllm_venv.sh or set "
-                                                   "THINKVL_VLLM_PYTHON to a python that imports vllm")
+needs_vllm = pytest.mark.skipif(PY is None, reason="no vLLM environment: THINKVL_VLLM_PYTHON is unset and "
+                                                   "scripts/vllm_venv.sh's default folder is empty")
 TEXT_PROMPTS = ["How many red circles are there?", "List the shapes.", "What is 3 + 4 * 2?"]
 
 
@@ -146,6 +147,31 @@ def test_text_greedy_equals_hf_and_follows_weight_sync(text):
     assert ids(v2) != ids(v)
     engine.sync_weights(loaded.model)
     assert ids(engine.generate(prompts, 1, greedy)) == ids(v)
+
+
+@needs_vllm
+def test_lora_policy_syncs_merged(text):
+    """RL under model.lora: vLLM holds the base model, the sync sends W + s B A under the base names
+    (rl.loop.policy_weights), and greedy responses equal the HF engine's on the adapted model."""
+    from thinkvl.train import lora as lora_
+
+    loaded, engine, _ = text
+    adapted = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    lora_.attach(adapted.model, lora_.LoraSettings(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapted.model.named_parameters():
+            if ".lora_B." in name:  # peft starts B at 0 (no change); move it so the merge matters
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    names = [name for name, _ in rl_loop.policy_weights(adapted.model, lora=True)]
+    assert names == list(loaded.model.state_dict()) and not any("lora" in n or "base_layer" in n for n in names)
+    prompts = render(loaded, TEXT_PROMPTS)
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    base = ids(HFEngine(loaded).generate(prompts, 1, greedy))
+    engine.sync_weights(rl_loop.policy_weights(adapted.model, lora=True))
+    v = ids(engine.generate(prompts, 1, greedy))
+    assert v == ids(HFEngine(adapted).generate(prompts, 1, greedy)) and v != base
+    engine.sync_weights(loaded.model)
 
 
 @needs_vllm
@@ -296,6 +322,12 @@ def test_rl_with_vllm_matches_hf_losses_on_the_same_tokens(text, tmp_path, monke
     assert len({m["reward"] for m in mv}) > 1 or mv[0]["loss"] > 0  # a run that had signal
 
 
+TAGGER_SRC = '''
+def tag(problem: dict, response: str) -> dict:
+    return {"short": len(response) < 20}
+'''
+
+
 # --- label, distill and eval with engine=vllm -----------------------------------------------------------
 
 
@@ -330,10 +362,20 @@ def test_label_distill_and_eval_run_on_vllm(text, tmp_path, monkeypatch):
                                             "teacher.max_tokens=6", "k=2", f"out={tmp_path / 'longcot.jsonl'}",
                                             *vllm_keys]))
     assert calls == [6, 6] and json.loads((tmp_path / "longcot.jsonl.stats.json").read_text())["samples"] == 6
+    (tmp_path / "thinkvl_vllm_test_tagger.py").write_text(TAGGER_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
     for engine in ("vllm", "hf"):
-        assert eval_main(["--model", text_dir, "--data", str(problems), "--k", "0", "--max-new-tokens", "8",
+        # vllm also samples k=2 and tags: avg@n, its standard error and the tag shares come through it
+        sampled = ["--k", "2", "--tagger", "thinkvl_vllm_test_tagger:tag"] if engine == "vllm" else ["--k", "0"]
+        assert eval_main(["--model", text_dir, "--data", str(problems), *sampled, "--max-new-tokens", "8",
                           "--engine", engine, "--vllm-python", PY, "--out", str(tmp_path / engine)]) == 0
-    assert calls == [6, 6, 3]
+    assert calls == [6, 6, 3, 6]  # greedy (3 problems), then 3 x 2 samples
     greedy = {e: [json.loads(line)["greedy_response"]
                   for line in (tmp_path / e / "responses.jsonl").read_text().splitlines()] for e in ("vllm", "hf")}
     assert greedy["vllm"] == greedy["hf"] and len(greedy["hf"]) == 3
+    overall = json.loads((tmp_path / "vllm" / "summary.json").read_text())["overall"]
+    rows = [json.loads(line) for line in (tmp_path / "vllm" / "responses.jsonl").read_text().splitlines()]
+    assert overall["avg@n"] == pytest.approx(sum(sum(x >= 0.5 for x in r["sample_scores"]) / 2 for r in rows) / 3)
+    assert overall["avg@n_se"] is not None and overall["pass@k"] is not None
+    assert overall["tags"]["short"] == pytest.approx(sum(len(g) < 20 for g in greedy["vllm"]) / 3)
+    assert set(overall["sample_tags"]) == {"short"} and all(len(r["sample_tags"]) == 2 for r in rows)

@@ -472,14 +472,6 @@ def train(cfg: RLConfig) -> RunDir:
                                        for k, v in model.state_dict().items()})
         return gen
 
-    def policy_weights():
-        """(name, full tensor) of the policy as vLLM's model names them, one at a time; under LoRA the
-        merged W + s B A (vLLM loads the base model, without adapters)."""
-        sd = model.state_dict()
-        if run.lora is not None:
-            return lora_.merged_items(sd, lora_.scalings(model), _full)
-        return ((name, _full(v)) for name, v in sd.items())
-
     loss_fn = functools.partial(get_loss(cfg.loss.name),
                                 **({"tau": cfg.loss.tau} if cfg.loss.name == "mirror_descent"
                                    else {"clip_eps": cfg.loss.clip_eps}))
@@ -523,7 +515,7 @@ def train(cfg: RLConfig) -> RunDir:
         with timer("generate"), torch.no_grad(), (contextlib.nullcontext() if use_vllm else compute()):
             if use_vllm:
                 engine.wake_up()
-                engine.sync_weights(policy_weights())  # FSDP2: one tensor gathered at a time
+                engine.sync_weights(policy_weights(model, run.lora is not None))  # FSDP2: one tensor gathered at a time
             else:
                 rollout_policy()
             rollouts = engine.generate([prompts[i] for i in mine], k, sampling)
@@ -585,6 +577,16 @@ def train(cfg: RLConfig) -> RunDir:
     run.export(loaded, model, ckpt_dtype)
     D.cleanup(d)
     return run
+
+
+def policy_weights(model: torch.nn.Module, lora: bool):
+    """(name, full tensor) of the policy under the names of the checkpoint vLLM loaded, one at a
+    time (FSDP2: gathered one by one, every rank in the same order); with LoRA adapters attached
+    the merged W + s B A, since vLLM runs the base model without adapters."""
+    sd = model.state_dict()
+    if lora:
+        return lora_.merged_items(sd, lora_.scalings(model), _full)
+    return ((name, _full(v)) for name, v in sd.items())
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
