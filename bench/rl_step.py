@@ -4,6 +4,10 @@ thinkvl: one policy-mirror-descent iteration as `thinkvl.rl.loop.train` runs it:
 (KV cache shared across a prompt's k samples, finished rows dropped, log-probs recorded) -> `score`
 (verifier + length reward) -> `update` (packed forward/backward with each prompt packed once for its
 k responses, 16 responses per micro-batch, squared mirror-descent loss).
+`run_thinkvl_vllm` (bench `rl_step_vllm`): the same iteration with `VLLMEngine` generating (vLLM in
+its own environment, $THINKVL_VLLM_PYTHON), the weights synced to it before every generation and the
+reference log-probs recomputed by the trainer, as `rollout.engine: vllm` runs; the worker's start-up
+is reported apart (`vllm_startup_s`), not in any step.
 TRL: `GRPOTrainer`, HF `model.generate` (no vLLM), beta = 0 (no reference model), one optimiser step
 per generation round, 64 responses per micro-batch (TRL with 16 measured no faster). Same policy
 weights, prompts, sampling (temperature 1, no top-k/top-p) and learning rate. The policy is random,
@@ -26,10 +30,15 @@ LR = 1e-5
 MICRO = 64  # TRL's responses per forward/backward: its faster setting here (16 was not faster, 2026-11-29)
 
 
-def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, seed: int = 0) -> dict:
+def run_thinkvl_vllm(size: str, prompts: int, k: int, max_new: int, steps: int = 1, seed: int = 0) -> dict:
+    return run_thinkvl(size, prompts, k, max_new, steps, seed, engine="vllm")
+
+
+def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, seed: int = 0,
+                engine: str = "hf") -> dict:
     from thinkvl.models.load import wrap
     from thinkvl.rewards.verifiers import get_verifier
-    from thinkvl.rl.loop import LossConfig, RLConfig, RolloutConfig, banned_tokens, score, update
+    from thinkvl.rl.loop import LossConfig, RLConfig, RolloutConfig, banned_tokens, recompute_logprobs, score, update
     from thinkvl.rl.losses import get_loss
     from thinkvl.rollout.engine import SamplingParams
     from thinkvl.rollout.hf_engine import HFEngine
@@ -49,23 +58,42 @@ def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, s
                                          batch_size=prompts * k),
                    loss=LossConfig(lr=LR))  # thinkvl's defaults: 16 responses per micro-batch, shared prompts
     d = D.setup("cpu")
-    engine = HFEngine(loaded, batch_size=prompts * k)
+    tmp = tempfile.TemporaryDirectory()
+    if engine == "vllm":
+        from thinkvl.rollout.engine import VLLMSettings
+        from thinkvl.rollout.vllm_engine import VLLMEngine
+
+        model.save_pretrained(tmp.name)
+        tok.save_pretrained(tmp.name)
+        settings = VLLMSettings(dtype="float32", max_model_len=1024, kv_cache_gib=1.0)
+        gen = VLLMEngine(loaded, tmp.name, settings, seed=seed)
+    else:
+        gen = HFEngine(loaded, batch_size=prompts * k)
     verifier = get_verifier(cfg.verifier)
     loss_fn = functools.partial(get_loss("mirror_descent"), tau=cfg.loss.tau)
     optim = thinkvl_adamw(model, LR, (0.9, 0.95), cfg.loss.weight_decay)  # as the loop
     banned = banned_tokens(loaded)
     out = {"gen_s": [], "score_s": [], "update_s": [], "step_s": [], "gen_tokens": [], "attention": attention}
+    if engine == "vllm":
+        out.update(vllm_startup_s=round(gen.startup_s, 1), sync_s=[], recompute_s=[], logprob_gap_max=[])
     for it in range(steps):
         batch = list(range(it * prompts, (it + 1) * prompts))
         sampling = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=seed + it, banned_token_ids=banned)
         t0 = time.perf_counter()
         model.eval()
         with torch.no_grad():
-            rollouts = engine.generate([examples[i] for i in batch], k, sampling)
+            if engine == "vllm":
+                out["sync_s"].append(round(gen.sync_weights(model), 3))
+            rollouts = gen.generate([examples[i] for i in batch], k, sampling)
         t1 = time.perf_counter()
         model.train()
         score(rollouts, [problems[i] for i in batch], verifier, cfg.length_penalty, it)
         flat = [r for g in rollouts for r in g]
+        if engine == "vllm":  # as the loop does for vllm (rollout.recompute_logprobs), counted in score_s
+            tr = time.perf_counter()
+            gap = recompute_logprobs(model, flat, k, loaded, cfg)
+            out["recompute_s"].append(round(time.perf_counter() - tr, 3))
+            out["logprob_gap_max"].append(round(gap["logprob_gap/max"], 6))
         # The random policy's groups are all wrong, and `update` skips a batch without signal; give each
         # group differing rewards so the step does its full work, as TRL's does.
         for j, r in enumerate(flat):
@@ -76,7 +104,10 @@ def run_thinkvl(size: str, prompts: int, k: int, max_new: int, steps: int = 1, s
         for key, v in (("gen_s", t1 - t0), ("score_s", t2 - t1), ("update_s", t3 - t2), ("step_s", t3 - t0)):
             out[key].append(round(v, 3))
         out["gen_tokens"].append(sum(r.length for r in flat))
-    return _summary("thinkvl", size, model, checksum, threads, out)
+    if engine == "vllm":
+        gen.close()
+    tmp.cleanup()
+    return _summary("thinkvl" if engine == "hf" else "thinkvl_vllm", size, model, checksum, threads, out)
 
 
 def _summary(framework: str, size: str, model, checksum: float, threads: int, out: dict) -> dict:

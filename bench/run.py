@@ -32,6 +32,13 @@ from bench.common import choose_threads, in_process, isolated, median  # noqa: E
 
 HAVE_TRL = importlib.util.find_spec("trl") is not None
 TRL_MISSING = "trl is not installed (pip install -e '.[bench]'): the TRL half is not run"
+VLLM_MISSING = ("no vLLM environment (bash scripts/vllm_venv.sh, then THINKVL_VLLM_PYTHON=its python): "
+                "the vLLM side is not run")
+
+
+def vllm_available() -> bool:
+    """$THINKVL_VLLM_PYTHON is set (VLLMEngine's lookup finds it; a wrong path then fails the run)."""
+    return bool(os.environ.get("THINKVL_VLLM_PYTHON"))
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -63,6 +70,10 @@ def _rl(size: str, prompts: int, k: int, max_new: int, steps: int) -> dict[str, 
     return {"thinkvl": kw, "trl": kw}
 
 
+def _rl_sides(sides: tuple[str, ...], size: str, prompts: int, k: int, max_new: int, steps: int) -> dict[str, dict]:
+    return {side: dict(size=size, prompts=prompts, k=k, max_new=max_new, steps=steps) for side in sides}
+
+
 SFT_FIGURES = ("supervised_tokens_per_s", "tokens_per_s", "non_pad_fraction", "peak_rss_mb", "peak_rss_delta_mb",
                "final_loss", "heldout_loss", "setup_s")
 RL_FIGURES = ("step_seconds", "gen_seconds", "gen_tokens_per_s", "peak_rss_mb", "peak_rss_delta_mb")
@@ -84,6 +95,14 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           figures=SFT_FIGURES),
     Bench("rl_step", {"thinkvl": rl_step.run_thinkvl, "trl": rl_step.run_trl},
           quick=_rl("toy", 2, 2, 8, 1), full=_rl("rl", 16, 8, 256, 2), reps=2, figures=RL_FIGURES),
+    # vLLM generating (its own environment, $THINKVL_VLLM_PYTHON) against thinkvl's HF engine. TRL 1.16
+    # with use_vllm=True cannot run here: it imports vllm in the trainer's own process (thinkvl's env
+    # cannot hold vLLM's transformers pin), supports vLLM 0.22-0.31 (this is 0.32), and its server
+    # mode syncs weights through vLLM's NCCL engine, which needs a CUDA device.
+    Bench("rl_step_vllm", {"thinkvl_vllm": rl_step.run_thinkvl_vllm, "thinkvl_hf": rl_step.run_thinkvl},
+          quick=_rl_sides(("thinkvl_vllm", "thinkvl_hf"), "toy", 2, 2, 8, 1),
+          full=_rl_sides(("thinkvl_vllm", "thinkvl_hf"), "rl", 16, 8, 256, 2), reps=2,
+          figures=RL_FIGURES + ("vllm_startup_s",)),
     Bench("logprob_mem", {"chunked": logprob_mem.run, "naive": logprob_mem.run},
           quick={"chunked": dict(impl="chunked", seq=1024, vocab=4096, hidden=32, chunk=256),
                  "naive": dict(impl="naive", seq=1024, vocab=4096, hidden=32)},
@@ -123,6 +142,9 @@ def run_bench(bench: Bench, quick: bool, reps: int | None = None, sides: list[st
     if not HAVE_TRL and "trl" in sides:
         sides = [s for s in sides if s != "trl"]
         notes.append(TRL_MISSING)
+    if "thinkvl_vllm" in sides and not vllm_available():
+        sides = [s for s in sides if s != "thinkvl_vllm"]
+        notes.append(VLLM_MISSING)
     params = bench.quick if quick else bench.full
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     t0 = time.perf_counter()

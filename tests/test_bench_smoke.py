@@ -1,7 +1,7 @@
 """The benchmarks in bench/ run at toy size and return the figures they promise, so they cannot rot.
 
 Each benchmark side runs in this process at its `--quick` size (seconds). The TRL halves skip when
-trl (the `bench` extra) is not installed.
+trl (the `bench` extra) is not installed, the vLLM side when $THINKVL_VLLM_PYTHON is unset.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SFT_KEYS = ("supervised_tokens_per_s", "tokens_per_s", "non_pad_fraction", "peak
             "weights_checksum", "params", "heldout_loss")
 RL_KEYS = ("step_seconds", "gen_seconds", "gen_tokens_per_s", "peak_rss_mb", "gen_tokens")
 KEYS = {"text_sft": SFT_KEYS, "mm_sft_qwen2.5-vl": SFT_KEYS, "mm_sft_kimi": SFT_KEYS, "rl_step": RL_KEYS,
+        "rl_step_vllm": RL_KEYS,
         "logprob_mem": ("op_peak_mb", "seconds", "logits_fp32_mb"), "ceiling": ("fp32_gflops", "bf16_gflops")}
 CASES = [(name, side) for name, keys in KEYS.items() for side in run.BENCHES[name].sides]
 
@@ -29,6 +30,8 @@ CASES = [(name, side) for name, keys in KEYS.items() for side in run.BENCHES[nam
 def test_bench_side_quick(name: str, side: str) -> None:
     if side == "trl" and not run.HAVE_TRL:
         pytest.skip(run.TRL_MISSING)
+    if side == "thinkvl_vllm" and not run.vllm_available():
+        pytest.skip(run.VLLM_MISSING)
     res = run.run_bench(run.BENCHES[name], quick=True, sides=[side])
     (r,) = res["runs"][side]
     for key in KEYS[name]:

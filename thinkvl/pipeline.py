@@ -28,6 +28,7 @@ from typing import Literal
 import yaml
 
 from thinkvl.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from thinkvl.rollout.engine import EngineConfig, build_engine
 
 log = logging.getLogger("thinkvl")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -57,6 +58,7 @@ class EvalSpec:
     verifier: str = "math"
     require_format: bool = False  # a response without the think-then-answer format scores 0
     tagger: str = ""  # module:function tagging each response (behaviour shares), e.g. the demo's
+    rollout: EngineConfig = field(default_factory=EngineConfig)  # eval.rollout.engine: hf | vllm
 
 
 @dataclass
@@ -172,9 +174,14 @@ def evaluate_stage(model_dir: str, ctx: Context, out: Path) -> dict:
     problems = read_records(ctx.fill(e.problems), "problem", limit=e.limit)
     loaded = load(model_dir)
     loaded.model.eval()
-    res = evaluate(loaded, problems, verifier=e.verifier, k=e.k, max_new_tokens=e.max_new_tokens,
-                   temperature=e.temperature, seed=ctx.cfg.seed, require_format=e.require_format,
-                   tagger=load_tagger(e.tagger))
+    tagger = load_tagger(e.tagger)  # before the engine: a bad name fails without starting vLLM
+    engine = build_engine(e.rollout.engine, loaded, model_dir, vllm=e.rollout.vllm, seed=ctx.cfg.seed)
+    try:
+        res = evaluate(loaded, problems, verifier=e.verifier, k=e.k, max_new_tokens=e.max_new_tokens,
+                       temperature=e.temperature, seed=ctx.cfg.seed, require_format=e.require_format,
+                       tagger=tagger, engine=engine)
+    finally:
+        getattr(engine, "close", lambda: None)()
     write_eval(res, out / "eval")
     return json.loads((out / "eval" / "summary.json").read_text())
 

@@ -26,7 +26,7 @@ class Example:
     loss_mask: list[bool]  # [L], True on supervised (assistant) tokens
     pixel_values: torch.Tensor | None = None  # [n_patches, ...] in the processor's own layout
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
-    extra: dict = field(default_factory=dict)  # e.g. mm_token_type_ids for Qwen-VL
+    extra: dict = field(default_factory=dict)  # e.g. mm_token_type_ids for Qwen-VL, images (paths / PIL)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -109,7 +109,10 @@ class ChatRenderer:
         pixel_values = grid = None
         if image_paths:
             ids, mask, pixel_values, grid = self._expand_images(ids, mask, image_paths)
-        return Example(input_ids=ids, loss_mask=mask, pixel_values=pixel_values, image_grid_thw=grid)
+        ex = Example(input_ids=ids, loss_mask=mask, pixel_values=pixel_values, image_grid_thw=grid)
+        if image_paths:
+            ex.extra["images"] = image_paths  # the sources, for engines that process images themselves (vLLM)
+        return ex
 
     def _expand_images(
         self, ids: list[int], mask: list[bool], image_paths: list[str]

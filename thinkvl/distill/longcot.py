@@ -23,6 +23,7 @@ from tqdm import tqdm
 from thinkvl.config import ConfigError
 from thinkvl.data.formats import read_records, validate_record, write_jsonl
 from thinkvl.rewards.verifiers import extract_answer, format_ok, get_verifier, safe_score
+from thinkvl.rollout.engine import EngineConfig
 
 log = logging.getLogger("thinkvl")
 
@@ -91,6 +92,7 @@ class DistillConfig:
     system_prompt: str = BEHAVIOUR_PROMPT  # wrapper shown to the teacher (not kept in the SFT set)
     keep_system_prompt: bool = False  # also put the wrapper into the SFT conversations
     seed: int = 0
+    rollout: EngineConfig = field(default_factory=EngineConfig)  # local teacher: rollout.engine hf | vllm
 
     def check(self, prefix: str) -> None:
         if not self.problems:
@@ -133,7 +135,7 @@ def make_teacher(cfg: DistillConfig) -> Teacher:
                              cache_path=cache, temperature=t.temperature, top_p=t.top_p, max_tokens=t.max_tokens)
     if not t.model:
         raise ConfigError("teacher.model: required for a local teacher")
-    return _LocalTeacher(t, cfg.seed)
+    return _LocalTeacher(t, cfg.seed, cfg.rollout)
 
 
 class _PerRecord:
@@ -147,16 +149,16 @@ class _PerRecord:
 
 
 class _LocalTeacher:
-    """Any model thinkvl can load, sampled with the HF engine."""
+    """Any model thinkvl can load, sampled with the HF or the vLLM engine (`rollout.engine`)."""
 
-    def __init__(self, t: TeacherConfig, seed: int):
+    def __init__(self, t: TeacherConfig, seed: int, rollout: EngineConfig | None = None):
         from thinkvl.models.load import load
-        from thinkvl.rollout.engine import SamplingParams
-        from thinkvl.rollout.hf_engine import HFEngine
+        from thinkvl.rollout.engine import SamplingParams, build_engine
 
+        rollout = rollout or EngineConfig()
         self.loaded = load(t.model)
         self.loaded.model.eval()
-        self.engine = HFEngine(self.loaded)
+        self.engine = build_engine(rollout.engine, self.loaded, t.model, vllm=rollout.vllm, seed=seed)
         self.sampling = SamplingParams(max_new_tokens=t.max_tokens, temperature=t.temperature, top_p=t.top_p,
                                        seed=seed)
 
@@ -167,6 +169,9 @@ class _LocalTeacher:
         with torch.no_grad():
             outs = self.engine.generate(prompts, n, self.sampling)
         return [[r.response_text for r in group] for group in outs]
+
+    def close(self) -> None:
+        getattr(self.engine, "close", lambda: None)()  # the vLLM worker, if any
 
 
 def _with_wrapper(messages: list[dict], system_prompt: str) -> list[dict]:
@@ -286,6 +291,7 @@ def build(cfg: DistillConfig) -> Path:
         bar.update(len(chunk))
         bar.set_postfix(accept=f"{accepted / max(tried, 1):.0%}", kept=len(out_records))
     bar.close()
+    getattr(teacher, "close", lambda: None)()
     out = Path(cfg.out)
     write_jsonl(out, out_records)
     stats = {

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thinkvl.models.load import Loaded
-from thinkvl.rollout.engine import GenerationEngine, SamplingParams
+from thinkvl.rollout.engine import GenerationEngine, SamplingParams, VLLMSettings, build_engine
 from thinkvl.rollout.types import Rollout
 
 CORRECT_THRESHOLD = 0.5
@@ -485,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger", default=None,
                    help="module:function (problem, response) -> {tag: bool}; shares of each tag are reported "
                         "(the demo's: thinkvl.demo.behaviours:tag_response)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="generation engine (vllm: its own env)")
+    p.add_argument("--vllm-python", default="", help="the vLLM environment's python (default $THINKVL_VLLM_PYTHON)")
+    p.add_argument("--vllm-max-model-len", type=int, default=None, help="vLLM's prompt + response tokens at most "
+                   "(default: the model's limit)")
     return p
 
 
@@ -502,11 +506,18 @@ def main(argv: list[str] | None = None) -> int:
 
     a = build_parser().parse_args(argv)
     problems = read_records(a.data, kind="problem", limit=a.limit)
-    result = evaluate(
-        load(a.model), problems, verifier=a.verifier, k=a.k, max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature, greedy=not a.no_greedy, batch_size=a.batch_size, seed=a.seed,
-        require_format=a.require_format, n_samples=a.n_samples, tagger=load_tagger(a.tagger),
-    )
+    loaded = load(a.model)
+    tagger = load_tagger(a.tagger)  # before the engine: a bad name fails without starting vLLM
+    vllm = VLLMSettings(python=a.vllm_python, max_model_len=a.vllm_max_model_len)
+    engine = build_engine(a.engine, loaded, a.model, a.batch_size, vllm, seed=a.seed)
+    try:
+        result = evaluate(
+            loaded, problems, verifier=a.verifier, k=a.k, max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature, greedy=not a.no_greedy, batch_size=a.batch_size, seed=a.seed,
+            require_format=a.require_format, n_samples=a.n_samples, tagger=tagger, engine=engine,
+        )
+    finally:
+        getattr(engine, "close", lambda: None)()
     print(format_table(result))
     if a.out:
         print(f"wrote {write_eval(result, a.out)}")

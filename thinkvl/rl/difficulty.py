@@ -15,8 +15,7 @@ from thinkvl.config import ConfigError
 from thinkvl.data.formats import read_records, write_jsonl
 from thinkvl.models.load import load
 from thinkvl.rewards.verifiers import get_verifier, safe_score
-from thinkvl.rollout.engine import SamplingParams
-from thinkvl.rollout.hf_engine import HFEngine
+from thinkvl.rollout.engine import EngineConfig, GenerationEngine, SamplingParams, build_engine
 
 log = logging.getLogger("thinkvl")
 
@@ -31,8 +30,9 @@ class LabelConfig:
     temperature: float = 1.0  # high, so the pass rate is graded rather than 0/1
     max_new_tokens: int = 256
     verifier: str = "math"
-    batch_size: int = 64
+    batch_size: int = 64  # problems x n per generate call (and sequences decoded together by the hf engine)
     seed: int = 0
+    rollout: EngineConfig = field(default_factory=EngineConfig)  # rollout.engine: hf | vllm
 
     def check(self, prefix: str) -> None:
         if not self.model or not self.problems:
@@ -41,9 +41,10 @@ class LabelConfig:
             raise ConfigError("n: must be >= 1")
 
 
-def pass_rates(loaded, problems: list[dict], n: int, sampling: SamplingParams, verifier, batch_size: int) -> list[float]:
-    """Fraction of n samples per problem that the verifier accepts."""
-    engine = HFEngine(loaded, batch_size=batch_size)
+def pass_rates(loaded, problems: list[dict], n: int, sampling: SamplingParams, verifier, batch_size: int,
+               engine: GenerationEngine | None = None) -> list[float]:
+    """Fraction of n samples per problem that the verifier accepts (engine: default an HF engine)."""
+    engine = engine or build_engine("hf", loaded, None, batch_size)
     rates: list[float] = []
     step = max(batch_size // n, 1)
     for s in tqdm(range(0, len(problems), step), desc="label", dynamic_ncols=True):
@@ -62,7 +63,11 @@ def label(cfg: LabelConfig) -> Path:
     loaded.model.eval()
     problems = read_records(cfg.problems, "problem", columns=cfg.columns)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    rates = pass_rates(loaded, problems, cfg.n, sampling, get_verifier(cfg.verifier), cfg.batch_size)
+    engine = build_engine(cfg.rollout.engine, loaded, cfg.model, cfg.batch_size, cfg.rollout.vllm, seed=cfg.seed)
+    try:
+        rates = pass_rates(loaded, problems, cfg.n, sampling, get_verifier(cfg.verifier), cfg.batch_size, engine)
+    finally:
+        getattr(engine, "close", lambda: None)()
     for p, r in zip(problems, rates):
         p["difficulty"] = round(r, 4)
     out = Path(cfg.out or cfg.problems)

@@ -17,6 +17,7 @@ FSDP averages gradients, so micro-batching and the number of processes do not ch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -43,8 +44,8 @@ from thinkvl.rewards.length import group_length_rewards, length_weight
 from thinkvl.rewards.verifiers import format_ok, get_verifier, safe_score, verifier_failures
 from thinkvl.rl.losses import LOSSES, get_loss, mirror_descent_stats, tied_groups
 from thinkvl.rl.samplers import SAMPLER_KINDS, build_sampler
-from thinkvl.rollout.engine import SamplingParams
-from thinkvl.rollout.hf_engine import HFEngine, media_token_ids
+from thinkvl.rollout.engine import SamplingParams, VLLMSettings, build_engine
+from thinkvl.rollout.hf_engine import media_token_ids
 from thinkvl.rollout.types import Rollout
 from thinkvl.train import distributed as D
 from thinkvl.train import lora as lora_
@@ -75,7 +76,13 @@ class RolloutConfig:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    batch_size: int = 64  # sequences per generation batch
+    batch_size: int = 64  # sequences per generation batch (hf engine)
+    engine: Literal["hf", "vllm"] = "hf"  # hf: thinkvl's sampling loop; vllm: a vLLM worker (rollout.vllm)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    # recompute the recorded log-probs (log pi_i of the loss) with the trainer's forward before the
+    # update; None = only for the vllm engine, whose kernels, ban bias and top-p renormalisation
+    # differ from the trainer's (thinkvl.rollout.vllm_engine). Logged as logprob_gap/{mean,max}.
+    recompute_logprobs: bool | None = None
 
 
 @dataclass
@@ -261,6 +268,25 @@ def response_logprobs(model, flat: list[Rollout], loaded: Loaded, temperature: f
     return logp
 
 
+@torch.no_grad()
+def recompute_logprobs(model, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLConfig) -> dict[str, float]:
+    """Replace each rollout's recorded log-probs by the trainer's (same micro-batches as `update`, so
+    FSDP ranks run the same number of forwards); returns the engine-vs-trainer gap per token."""
+    per_mb = max(k, (cfg.loss.responses_per_micro_batch // k) * k)
+    share_prompt = cfg.loss.share_prompt and uses_varlen(model)
+    gap_sum, gap_max, n = 0.0, 0.0, 0
+    for start in range(0, len(flat), per_mb):
+        mb = flat[start : start + per_mb]
+        logp = response_logprobs(model, mb, loaded, cfg.rollout.temperature, share_prompt=share_prompt).float().cpu()
+        for i, r in enumerate(mb):
+            new = logp[i, : r.length]
+            if r.length and r.logprobs:
+                diff = (new - torch.tensor(r.logprobs[: r.length])).abs()
+                gap_sum, gap_max, n = gap_sum + float(diff.sum()), max(gap_max, float(diff.max())), n + r.length
+            r.logprobs = new.tolist()
+    return {"logprob_gap/mean": gap_sum / max(n, 1), "logprob_gap/max": gap_max}
+
+
 def update(model, optim, flat: list[Rollout], k: int, loaded: Loaded, cfg: RLConfig, d: D.Dist,
            loss_fn, n_global: int) -> dict[str, float | None]:
     """One optimiser step over this rank's responses (whole groups per micro-batch), or none at all
@@ -432,7 +458,12 @@ def train(cfg: RLConfig) -> RunDir:
     gen = (dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(P.replica_dtype(cfg.model.precision)))
            if d.enabled else loaded)
     compute = functools.partial(P.compute, cfg.model.precision, d)
-    engine = HFEngine(gen, batch_size=cfg.rollout.batch_size)
+    # The vllm engine's worker holds its own copy of the weights, synced before every generation
+    # (merged W + s B A under LoRA: vLLM loads the base model's names).
+    use_vllm = cfg.rollout.engine == "vllm"
+    engine = build_engine(cfg.rollout.engine, gen, cfg.model.path, cfg.rollout.batch_size, cfg.rollout.vllm,
+                          seed=cfg.seed * 1_000_003 + d.rank, trust_remote_code=cfg.model.trust_remote_code)
+    recompute = use_vllm if cfg.rollout.recompute_logprobs is None else cfg.rollout.recompute_logprobs
 
     @torch.no_grad()
     def rollout_policy() -> Loaded:
@@ -480,9 +511,16 @@ def train(cfg: RLConfig) -> RunDir:
                                   banned_token_ids=banned)
         model.eval()
         t0 = time.perf_counter()
-        with timer("generate"), torch.no_grad(), compute():
-            rollout_policy()
+        # vLLM computes in its own dtype (rollout.vllm.dtype); bf16 autocast here would only round the LoRA merge
+        with timer("generate"), torch.no_grad(), (contextlib.nullcontext() if use_vllm else compute()):
+            if use_vllm:
+                engine.wake_up()
+                engine.sync_weights(policy_weights(model, run.lora is not None))  # FSDP2: one tensor gathered at a time
+            else:
+                rollout_policy()
             rollouts = engine.generate([prompts[i] for i in mine], k, sampling)
+            if use_vllm:
+                engine.sleep()  # GPU: give the memory back to the trainer (no-op on CPU)
         gen_s = time.perf_counter() - t0
         model.train()
         failed = sum(verifier_failures().values())
@@ -492,6 +530,10 @@ def train(cfg: RLConfig) -> RunDir:
         flat = [r for g in rollouts for r in g]
         check_no_banned(flat, banned)
         n_global = int(D.all_reduce_sum(len(flat), d))
+        gap = {}
+        if recompute:
+            with timer("ref_logprobs"):
+                gap = recompute_logprobs(model, flat, k, loaded, cfg)
         t1 = time.perf_counter()
         with timer("update"):
             for _ in range(cfg.loss.updates_per_iter):
@@ -510,7 +552,7 @@ def train(cfg: RLConfig) -> RunDir:
             tag_dicts = [tagger(problems[i], r.response_text) for i, g in zip(mine, rollouts) for r in g]
             m.update({f"tags/{name}": share for name, share in tag_shares(tag_dicts).items()})
         n_tok = sum(r.length for r in flat)
-        metrics = {"step": it + 1, **m, **upd, "lr": cfg.loss.lr, "verifier_failures": failed,
+        metrics = {"step": it + 1, **m, **upd, **gap, "lr": cfg.loss.lr, "verifier_failures": failed,
                    "length_weight": length_weight(it, cfg.length_penalty.weight, cfg.length_penalty.warmup_iters),
                    "gen_tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1),
                    "train_tokens_per_s": None if upd["update_skipped"] else
@@ -530,9 +572,26 @@ def train(cfg: RLConfig) -> RunDir:
         if (cfg.save_every and done % cfg.save_every == 0) or last:
             run.save_checkpoint(done, model, optim, {"sampler": sampler.state_dict()})
     bar.close()
+    if use_vllm:
+        engine.close()
     run.export(loaded, model, ckpt_dtype)
     D.cleanup(d)
     return run
+
+
+def policy_weights(model: torch.nn.Module, lora: bool):
+    """(name, full tensor) of the policy under the names of the checkpoint vLLM loaded, one at a
+    time (FSDP2: gathered one by one, every rank in the same order); with LoRA adapters attached
+    the merged W + s B A, since vLLM runs the base model without adapters."""
+    sd = model.state_dict()
+    if lora:
+        return lora_.merged_items(sd, lora_.scalings(model), _full)
+    return ((name, _full(v)) for name, v in sd.items())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (FSDP2 shard) all-gathered, a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _gather_lists(idx: list[int], rates: list[float], d: D.Dist) -> tuple[list[int], list[float]]:

@@ -2,14 +2,16 @@
 
 An engine knows nothing about training. The RL loop, distillation, difficulty labelling and
 evaluation all call `generate` and read `Rollout`s; `HFEngine` (plain PyTorch, CPU or one GPU) is the
-built-in implementation, a vLLM engine can implement the same protocol.
+built-in implementation; `VLLMEngine` (`rollout.engine: vllm`) runs vLLM in a worker process.
+`EngineConfig` is the `rollout` section the recipes share and `build_engine` turns it into an engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
+from thinkvl.config import ConfigError
 from thinkvl.data.chat import Example
 from thinkvl.rollout.types import Rollout
 
@@ -49,3 +51,41 @@ class GenerationEngine(Protocol):
         A prompt's id is taken from `prompt.extra["id"]` when present, else its index in `prompts`.
         """
         ...
+
+
+@dataclass
+class VLLMSettings:
+    """How to start the vLLM worker (`rollout.vllm.*`); see `thinkvl.rollout.vllm_engine`."""
+
+    python: str = ""  # the vLLM environment's python; "" = $THINKVL_VLLM_PYTHON, else this python
+    dtype: str = "auto"  # vLLM's dtype; "auto" = the checkpoint's
+    max_model_len: int | None = None  # prompt + response tokens at most; None = the model's own limit
+    kv_cache_gib: float = 1.0  # KV cache size (kv_cache_memory_bytes); on CPU vLLM otherwise takes ~16-20 GiB
+    gpu_memory_utilization: float = 0.5  # GPU: the share vLLM takes (the trainer needs the rest)
+    sleep: bool = False  # GPU: free vLLM's memory while the trainer updates (`sleep`/`wake_up`)
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile: quicker start, slower decode on GPU
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class EngineConfig:
+    """Which engine generates (the `rollout` section of the label and distill recipes)."""
+
+    engine: Literal["hf", "vllm"] = "hf"  # hf: thinkvl's own loop; vllm: a vLLM worker (own environment)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+
+
+def build_engine(kind: str, loaded, model_path: str | None, batch_size: int = 64, vllm: VLLMSettings | None = None,
+                 seed: int = 0, trust_remote_code: bool = False) -> GenerationEngine:
+    """An `HFEngine` on `loaded`, or a `VLLMEngine` that loads `model_path` (the same model; None or
+    `tiny`: `loaded` saved to a temporary folder)."""
+    if kind == "hf":
+        from thinkvl.rollout.hf_engine import HFEngine
+
+        return HFEngine(loaded, batch_size=batch_size)
+    if kind == "vllm":
+        from thinkvl.rollout.vllm_engine import VLLMEngine
+
+        path = None if model_path in (None, "tiny") else model_path
+        return VLLMEngine(loaded, path, vllm or VLLMSettings(), seed=seed, trust_remote_code=trust_remote_code)
+    raise ConfigError(f"rollout.engine: {kind!r} unknown; choose one of 'hf', 'vllm'")

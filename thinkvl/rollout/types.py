@@ -9,7 +9,9 @@ vocabulary: the logits are the model's raw output at the sampling temperature, B
 filtering and before banned tokens are masked. That is the quantity the trainer recomputes
 (`thinkvl.models.forward.token_logprobs` at the same temperature), so at the first optimiser step of
 an RL iteration ``log pi_theta - log pi_ref`` is zero up to float noise. It is not the probability
-under the truncated sampling distribution when top-k/top-p/bans are active.
+under the truncated sampling distribution when top-k/top-p/bans are active. `VLLMEngine` records
+vLLM's own log-probs, which are renormalised over the tokens those filters leave (see its module
+doc); the RL loop recomputes them with the trainer for that engine (`rollout.recompute_logprobs`).
 """
 
 from __future__ import annotations

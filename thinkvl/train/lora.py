@@ -99,20 +99,26 @@ def scalings(model: torch.nn.Module) -> dict[str, float]:
 def merged_state(sd: dict[str, torch.Tensor], scale: dict[str, float]) -> dict[str, torch.Tensor]:
     """The plain model's state dict: W' = W + s * B @ A for each LoRA layer (computed in float32,
     stored in W's dtype), `base_layer.` dropped from the names, adapter weights dropped."""
-    out: dict[str, torch.Tensor] = {}
+    return dict(merged_items(sd, scale))
+
+
+def merged_items(sd: dict[str, torch.Tensor], scale: dict[str, float], full=lambda t: t):
+    """`merged_state` one (name, tensor) at a time, each tensor passed through `full` first (FSDP2:
+    all-gather a DTensor shard), so a consumer that copies them away (the vLLM weight sync) never
+    holds the whole gathered model. Every rank must consume it in the same order."""
     for k, v in sd.items():
         if is_adapter_key(k):
             continue
+        v = full(v)
         module, _, leaf = k.rpartition(".")
         if module.endswith(".base_layer"):
             owner = module.removesuffix(".base_layer")
             if leaf == "weight":
                 name = next(n for n in sd if n.startswith(f"{owner}.lora_A.") and n.endswith(".weight"))
-                a, b = sd[name], sd[name.replace(".lora_A.", ".lora_B.")]
+                a, b = full(sd[name]), full(sd[name.replace(".lora_A.", ".lora_B.")])
                 v = (v.float() + scale[owner] * (b.float() @ a.float())).to(v.dtype)
             k = f"{owner}.{leaf}"
-        out[k] = v
-    return out
+        yield k, v
 
 
 def save_adapter(peft_model, sd: dict[str, torch.Tensor], folder: Path) -> None:
