@@ -153,6 +153,63 @@ def test_write_eval_fields(monkeypatch, tmp_path):
     assert lines[1]["task"] == "count" and lines[1]["score"] == 0.0 and lines[1]["sample_scores"] == [0.0] * 5
 
 
+# ---- the image-swap check ----
+
+# Four counting scenes (answers 1, 2, 2, 3), one scene of another task and a text problem.
+SWAP_PROBLEMS = [
+    *({"id": f"s{i}", "task": "count", "answer": a,
+       "messages": [{"role": "user", "content": [{"type": "image", "image": f"img{i}"},
+                                                  {"type": "text", "text": "how many?"}]}]}
+      for i, a in enumerate(["1", "2", "2", "3"])),
+    {"id": "o", "task": "other", "answer": "9",
+     "messages": [{"role": "user", "content": [{"type": "image", "image": "imgO"}, {"type": "text", "text": "?"}]}]},
+    {"id": "t", "task": "count", "answer": "4", "messages": [{"role": "user", "content": "how many?"}]},
+]
+SEEN = {"img0": "1", "img1": "2", "img2": "2", "img3": "3", "imgO": "9"}
+
+
+class _RenderImage:
+    """Renders a prompt to its first image's path (what the engines below look at)."""
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Example:
+        images = ev._images_of(messages)
+        return Example(input_ids=[1], loss_mask=[False], extra={"image": images[0] if images else None})
+
+
+class _AnswerEngine:
+    """Answers every prompt with `answer(prompt)`."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def generate(self, prompts: list[Example], n: int, sampling: SamplingParams) -> list[list[Rollout]]:
+        return [[Rollout(prompt_id=p.extra["id"], prompt_ids=p.input_ids, response_ids=[0], response_text=t,
+                         length=1, truncated=False, finished=True, sample_index=j)
+                 for j, t in enumerate([self.answer(p)] * n)] for p in prompts]
+
+
+def test_swap_partners_same_task_other_answer():
+    # s1 (2) skips s2 (also 2) for s3; s3 wraps round to s0; the lone 'other' scene and the text
+    # problem have no partner
+    assert ev.swap_partners(SWAP_PROBLEMS) == [(0, 1), (1, 3), (2, 3), (3, 0)]
+
+
+def test_image_swap_separates_a_reader_from_a_blind_model():
+    def run(answer):
+        result = evaluate(_RenderImage(), SWAP_PROBLEMS, verifier=SCORER, k=0, engine=_AnswerEngine(answer),
+                          swap_images=True, check_images=False)
+        return result.overall["image_swap"]
+
+    reader = run(lambda p: SEEN.get(p.extra["image"], "4"))  # answers what its image shows
+    assert (reader["n"], reader["greedy_own"], reader["greedy_swapped"]) == (4, 1.0, 0.0)
+    blind = run(lambda p: "2")  # the same answer whatever the image
+    assert (blind["greedy_own"], blind["greedy_swapped"]) == (0.5, 0.5)
+    assert blind["greedy_own_se"] == pytest.approx(math.sqrt(0.25 / 4))
+    table = format_table(evaluate(_RenderImage(), SWAP_PROBLEMS, verifier=SCORER, k=0, check_images=False,
+                                  engine=_AnswerEngine(lambda p: SEEN.get(p.extra["image"], "4")), swap_images=True))
+    assert "image swap: greedy 100.0+-0.0 with their own images -> 0.0+-0.0" in table
+
+
 # ---- with the real engine on a tiny model ----
 
 

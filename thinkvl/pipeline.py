@@ -58,6 +58,7 @@ class EvalSpec:
     verifier: str = "math"
     require_format: bool = False  # a response without the think-then-answer format scores 0
     tagger: str = ""  # module:function tagging each response (behaviour shares), e.g. the demo's
+    swap_images: bool = False  # also greedy accuracy with each image problem shown another's image
     rollout: EngineConfig = field(default_factory=EngineConfig)  # eval.rollout.engine: hf | vllm
 
 
@@ -179,7 +180,7 @@ def evaluate_stage(model_dir: str, ctx: Context, out: Path) -> dict:
     try:
         res = evaluate(loaded, problems, verifier=e.verifier, k=e.k, max_new_tokens=e.max_new_tokens,
                        temperature=e.temperature, seed=ctx.cfg.seed, require_format=e.require_format,
-                       tagger=tagger, engine=engine)
+                       tagger=tagger, engine=engine, swap_images=e.swap_images)
     finally:
         getattr(engine, "close", lambda: None)()
     write_eval(res, out / "eval")

@@ -274,6 +274,7 @@ def evaluate(
     engine: GenerationEngine | None = None,
     check_images: bool = True,
     tagger: Callable[[dict, str], dict[str, bool | None]] | None = None,
+    swap_images: bool = False,
 ) -> EvalResult:
     """Evaluate `loaded` on problem records (`messages`, `answer`, optional `id`/`task`/`difficulty`).
 
@@ -283,6 +284,10 @@ def evaluate(
     placeholder tokens. check_images: with greedy, also measure `image_reliance` (overall).
     tagger: `(problem, response) -> {name: bool or None}` (e.g. the demo's behaviours); every
     response is tagged and the shares are in the summaries' `tags` / `sample_tags`.
+    swap_images: with greedy, also answer every image problem greedily with the image of another
+    problem of its task whose answer differs (:func:`swap_partners`), scored against the problem's
+    own answer: `image_swap` in the overall summary. A model that reads its images falls toward 0
+    there; one that answers from the question alone keeps its accuracy.
     """
     n = k if n_samples is None else n_samples
     if k < 0 or n < k:
@@ -318,6 +323,9 @@ def evaluate(
             res.sample_lengths = [r.length for r in group]
             res.sample_truncated = [r.truncated for r in group]
     overall = summarize(results, k)
+    if greedy and swap_images:
+        overall["image_swap"] = _image_swap(engine, loaded, problems, results, scorer, max_new_tokens,
+                                            temperature, seed, require_format)
     if greedy and check_images:
         overall["image_reliance"] = image_reliance(loaded, problems, [r.greedy_response or "" for r in results])
     settings = {
@@ -346,6 +354,52 @@ def _with_images(messages: list[dict], images: list[str]) -> list[dict]:
             out.append({**m, "content": [{**part, "image": next(it)} if part.get("type") == "image" else dict(part)
                                          for part in m["content"]]})
     return out
+
+
+def swap_partners(problems: list[dict]) -> list[tuple[int, int]]:
+    """(i, j) pairs: image problem i shown the images of problem j, the next problem after i
+    (cyclic) of the same task with as many images, other images and another answer. Problems with
+    no such partner are left out."""
+    idx = [i for i, p in enumerate(problems) if _images_of(p["messages"])]
+    pairs = []
+    for n, i in enumerate(idx):
+        mine = _images_of(problems[i]["messages"])
+        for j in idx[n + 1:] + idx[:n]:
+            theirs = _images_of(problems[j]["messages"])
+            if (problems[j].get("task") == problems[i].get("task") and len(theirs) == len(mine)
+                    and theirs != mine and str(problems[j]["answer"]) != str(problems[i]["answer"])):
+                pairs.append((i, j))
+                break
+    return pairs
+
+
+def _image_swap(engine: GenerationEngine, loaded: Loaded, problems: list[dict], results: list[ProblemResult],
+                scorer: Scorer, max_new_tokens: int, temperature: float, seed: int,
+                require_format: bool) -> dict | None:
+    """Greedy accuracy of the image problems with their own images and with a partner's
+    (:func:`swap_partners`), both against their own answers, with binomial standard errors."""
+    pairs = swap_partners(problems)
+    if not pairs:
+        return None
+    prompts = []
+    for i, j in pairs:
+        swapped = _with_images(problems[i]["messages"], _images_of(problems[j]["messages"]))
+        ex = loaded.render(swapped, add_generation_prompt=True)
+        ex.extra["id"] = f"{problems[i]['id']}@swap"
+        prompts.append(ex)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=True, seed=seed)
+    swapped_scores = [_score(scorer, r, results[i].answer, require_format)[0]
+                      for (i, _), (r,) in zip(pairs, _generate_all(engine, prompts, 1, sampling, "swapped images"))]
+    own = [results[i].score for i, _ in pairs]
+    n = len(pairs)
+
+    def acc(scores: list) -> tuple[float, float]:
+        p = sum(s >= CORRECT_THRESHOLD for s in scores) / n
+        return p, math.sqrt(p * (1 - p) / n)
+
+    (p_own, se_own), (p_swap, se_swap) = acc(own), acc(swapped_scores)
+    return {"n": n, "greedy_own": p_own, "greedy_own_se": se_own, "greedy_swapped": p_swap,
+            "greedy_swapped_se": se_swap}
 
 
 @torch.no_grad()
@@ -452,6 +506,11 @@ def format_table(result: EvalResult) -> str:
                 f"{_fmt(s['format_ok']):>8}{_fmt(s['truncated']):>7}")
 
     lines.append(row("all", result.overall))
+    swap = result.overall.get("image_swap")
+    if swap:
+        lines.append(f"image swap: greedy {_fmt(swap['greedy_own'])}+-{100 * swap['greedy_own_se']:.1f} with their "
+                     f"own images -> {_fmt(swap['greedy_swapped'])}+-{100 * swap['greedy_swapped_se']:.1f} with "
+                     f"another problem's (same task, other answer), {swap['n']} image problems")
     if result.overall.get("image_reliance") is not None:
         lines.append(f"image reliance: {result.overall['image_reliance']:.3f} nats/token (log-prob of the greedy "
                      "responses with their own image minus with another problem's; ~0 = the image is ignored)")
@@ -485,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger", default=None,
                    help="module:function (problem, response) -> {tag: bool}; shares of each tag are reported "
                         "(the demo's: thinkvl.demo.behaviours:tag_response)")
+    p.add_argument("--swap-images", action="store_true",
+                   help="also answer each image problem greedily with another problem's image (same task, other "
+                        "answer), scored against its own answer: does the model use the image?")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="generation engine (vllm: its own env)")
     p.add_argument("--vllm-python", default="", help="the vLLM environment's python (default $THINKVL_VLLM_PYTHON)")
     p.add_argument("--vllm-max-model-len", type=int, default=None, help="vLLM's prompt + response tokens at most "
@@ -515,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded, problems, verifier=a.verifier, k=a.k, max_new_tokens=a.max_new_tokens,
             temperature=a.temperature, greedy=not a.no_greedy, batch_size=a.batch_size, seed=a.seed,
             require_format=a.require_format, n_samples=a.n_samples, tagger=tagger, engine=engine,
+            swap_images=a.swap_images,
         )
     finally:
         getattr(engine, "close", lambda: None)()

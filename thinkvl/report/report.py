@@ -154,13 +154,14 @@ def stage_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
     vision = any(_num(s.get("image_reliance")) is not None for _, s in rows)
     top = any(_num(s.get("top_answer_share")) is not None for _, s in rows)
     reads = any(_num(s.get("reading_colors")) is not None for _, s in rows)
+    swap = any(isinstance(s.get("image_swap"), Mapping) for _, s in rows)
     ns = {int(n) for _, s in rows if (n := _num(s.get("n_samples", s.get("k")))) is not None}
     avg_header = f"avg@{ns.pop()}" if len(ns) == 1 else "avg@n"
     lines = [f"| stage | greedy acc | {avg_header} | {header} | format | mean length | truncated |"
              + (" top answer |" if top else "") + (" reads colours |" if reads else "")
-             + (" image reliance |" if vision else ""),
+             + (" image reliance |" if vision else "") + (" image swap |" if swap else ""),
              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if top else "") + ("---:|" if reads else "")
-             + ("---:|" if vision else "")]
+             + ("---:|" if vision else "") + ("---:|" if swap else "")]
     for name, s in rows:
         pass_k = _pct(s.get("pass_at_k"))
         if not same_k and _num(s.get("k")) is not None and pass_k != MISSING:
@@ -175,6 +176,10 @@ def stage_table_markdown(rows: Sequence[tuple[str, Summary]]) -> str:
         if vision:
             r = _num(s.get("image_reliance"))
             line += f" {MISSING if r is None else f'{r:.2f}'} |"
+        if swap:
+            w = s.get("image_swap")
+            line += (f" {_pct(w.get('greedy_own'))} -> {_pct(w.get('greedy_swapped'))} |"
+                     if isinstance(w, Mapping) else f" {MISSING} |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -213,6 +218,8 @@ def _results_section(rows: Sequence[tuple[str, Summary]]) -> str:
              "the expected think-then-answer format; mean length: mean response length in tokens; truncated: responses "
              "that hit the generation limit; image reliance (nats/token): log-prob of the greedy responses to image "
              "problems with their own image minus with another problem's image, about 0 when the model ignores images; "
+             "image swap: greedy accuracy on the image problems with their own image -> with another problem's image "
+             "of the same task and another answer (scored against their own answers; falls when the image is used); "
              "top answer: share of greedy answers equal to the most common greedy answer of their task (near 100%: "
              "the model answers a constant); reads colours: share of greedy responses to scene problems whose "
              "\"Row k: ...\" lines name every object's colour (digit) in the right row and order (shapes ignored)."]
