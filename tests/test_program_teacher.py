@@ -81,6 +81,21 @@ def test_mistakes_are_caught_and_repaired(task: str) -> None:
         assert final == expected
 
 
+def test_a_misread_expression_that_goes_below_zero_can_still_slip() -> None:
+    # A misreading (wrong=True) can turn `5 - 2` into `2 - 5`: the step is negative, and a caught
+    # slip on it must pick a neighbour below zero. It raised IndexError in `thinkvl demo --seed 1`.
+    from thinkvl.demo.teacher import _slip
+
+    rng = random.Random(0)
+    assert {_slip(rng, -3) for _ in range(200)} == {-5, -4, -2, -1}
+    assert {_slip(rng, 0) for _ in range(200)} == {1, 2}
+    record = make_problem("arith", 0, random.Random(0), level=2)
+    record["meta"] = {"operands": [2, 5], "operators": ["-"], "expression": "2 - 5"}
+    for seed in range(20):
+        text = trace(record, random.Random(seed), mistake=True, check=False)
+        assert "2 - 5 = -3." in text and "\\boxed{-3}" in text
+
+
 @pytest.mark.parametrize("task", SHAPE_TASKS + ("describe",))
 def test_traces_enumerate_the_scene_before_counting(task: str) -> None:
     rng = random.Random(4)

@@ -220,8 +220,9 @@ def _sentence_case(text: str) -> str:
 
 
 def _slip(rng: random.Random, value: int) -> int:
-    """A nearby wrong value (never negative)."""
-    return rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
+    """A nearby wrong value, never negative when ``value`` is not (arithmetic steps can go below 0:
+    ``2 - 5 = -3``, and then any neighbour will do)."""
+    return rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0 or value < 0])
 
 
 def _inverse(a: int, op: str, b: int, c: int) -> str:
