@@ -289,7 +289,9 @@ def test_update_loss_is_mirror_descent_from_recorded_logprobs(toy):
     print("step 1:", out0, "hand:", expected0, "mean adv^2:", adv_sq)
     # First step: pi_theta = pi_i, so log pi_theta - log pi_i = 0 up to float noise and L = mean (r - rbar)^2.
     assert abs(ratio0) < 1e-4 and abs(out0["kl"]) < 1e-4
-    assert out0["loss"] == pytest.approx(expected0, rel=1e-6)
+    # rel 1e-5: the recorded and the recomputed float32 log-probs differ in summation order; on the
+    # 2026-12-05 CI machine (AMD EPYC) the first-step loss differed from the formula by 2.5e-6 relative
+    assert out0["loss"] == pytest.approx(expected0, rel=1e-5)
     assert out0["loss"] == pytest.approx(adv_sq, abs=1e-4)
 
     with torch.no_grad():
