@@ -356,21 +356,27 @@ def _with_images(messages: list[dict], images: list[str]) -> list[dict]:
     return out
 
 
-def swap_partners(problems: list[dict]) -> list[tuple[int, int]]:
-    """(i, j) pairs: image problem i shown the images of problem j, the next problem after i
-    (cyclic) of the same task with as many images, other images and another answer. Problems with
-    no such partner are left out."""
-    idx = [i for i, p in enumerate(problems) if _images_of(p["messages"])]
+def _image_partners(problems: list[dict], idx: list[int],
+                    accept: Callable[[dict, dict], bool] = lambda p, q: True) -> list[tuple[int, int]]:
+    """(i, j) for each i in ``idx``: j is the next problem of ``idx`` after i (cyclic) with as many
+    images as i, other images, and ``accept(problems[i], problems[j])``; an i with none is left out."""
     pairs = []
     for n, i in enumerate(idx):
         mine = _images_of(problems[i]["messages"])
         for j in idx[n + 1:] + idx[:n]:
             theirs = _images_of(problems[j]["messages"])
-            if (problems[j].get("task") == problems[i].get("task") and len(theirs) == len(mine)
-                    and theirs != mine and str(problems[j]["answer"]) != str(problems[i]["answer"])):
+            if len(theirs) == len(mine) and theirs != mine and accept(problems[i], problems[j]):
                 pairs.append((i, j))
                 break
     return pairs
+
+
+def swap_partners(problems: list[dict]) -> list[tuple[int, int]]:
+    """(i, j) pairs: image problem i shown the images of problem j, the next problem after i
+    (cyclic) of the same task with as many images, other images and another answer. Problems with
+    no such partner are left out."""
+    return _image_partners(problems, [i for i, p in enumerate(problems) if _images_of(p["messages"])],
+                           lambda p, q: p.get("task") == q.get("task") and str(p["answer"]) != str(q["answer"]))
 
 
 def _image_swap(engine: GenerationEngine, loaded: Loaded, problems: list[dict], results: list[ProblemResult],
@@ -395,7 +401,7 @@ def _image_swap(engine: GenerationEngine, loaded: Loaded, problems: list[dict], 
 
     def acc(scores: list) -> tuple[float, float]:
         p = sum(s >= CORRECT_THRESHOLD for s in scores) / n
-        return p, math.sqrt(p * (1 - p) / n)
+        return p, _se_binomial(p, n)
 
     (p_own, se_own), (p_swap, se_swap) = acc(own), acc(swapped_scores)
     return {"n": n, "greedy_own": p_own, "greedy_own_se": se_own, "greedy_swapped": p_swap,
@@ -417,14 +423,7 @@ def image_reliance(loaded: Loaded, problems: list[dict], responses: list[str], b
     idx = [i for i, p in enumerate(problems) if _images_of(p["messages"]) and responses[i]]
     if len(idx) < 2:
         return None
-    pairs = []
-    for j, i in enumerate(idx):
-        mine = _images_of(problems[i]["messages"])
-        for other in idx[j + 1:] + idx[:j]:
-            theirs = _images_of(problems[other]["messages"])
-            if len(theirs) == len(mine) and theirs != mine:
-                pairs.append((i, theirs))
-                break
+    pairs = [(i, _images_of(problems[j]["messages"])) for i, j in _image_partners(problems, idx)]
     if not pairs:
         return None
     was_training = loaded.model.training
