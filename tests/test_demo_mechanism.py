@@ -3,8 +3,8 @@
 A start model that mixes a reliable behaviour (read the number from the question, then answer it)
 and an unreliable one (a guess that is right one time in ten), chosen at the first token of its
 thought, the way the demo's long-CoT model chooses between working a problem out and answering at a
-glance. A short run of policy mirror descent must move the choice to the reliable behaviour, and so
-raise *greedy* accuracy on held-out problems (phrasings it never trained or sampled on). This can
+glance. A short run of policy mirror descent must move the choice away from the guess (at this
+test's seed, to the reliable behaviour), and so raise *greedy* accuracy on held-out problems (phrasings it never trained or sampled on). This can
 fail: RL that only sharpens sampling, or that does not carry the choice over to new prompts, leaves
 greedy where it started.
 
