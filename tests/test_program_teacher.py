@@ -290,6 +290,30 @@ def test_glance_rate_and_accuracy_by_level():
         assert abs(right / glances - want) < 0.08  # the teacher's glance accuracy at this level
 
 
+
+def test_glance_rate_falls_with_level():
+    import random
+
+    from thinkvl.demo.teacher import GLANCE
+
+    teacher = ProgramTeacher(seed=2, glance_rate=0.8, glance_rate_decay=0.15, plan_rate=0.0)
+    assert teacher.glance_prob({"difficulty_level": 1}) == 0.8
+    assert teacher.glance_prob({"difficulty_level": 3}) == pytest.approx(0.5)
+    assert teacher.glance_prob({"difficulty_level": 7}) == 0.0  # floor, not negative
+    for level, want in ((1, 0.8), (3, 0.5), (6, 0.05)):
+        glances = 0
+        for i in range(200):
+            rec = make_problem("digit_sum", i, random.Random(i), level=level)
+            glances += sum(t.startswith(f"<think>\n{GLANCE}") for t in teacher.sample(rec, 4))
+        assert abs(glances / 800 - want) < 0.05, (level, glances / 800)
+    with pytest.raises(ValueError, match="glance_rate_decay"):
+        ProgramTeacher(glance_rate_decay=1.5)
+    # 0 (the default) keeps the level-independent rate, draw for draw
+    rec = make_problem("arith", 3, random.Random(3), level=5)
+    assert ProgramTeacher(seed=4, glance_rate=0.3).sample(rec, 8) == \
+        ProgramTeacher(seed=4, glance_rate=0.3, glance_rate_decay=0.0).sample(rec, 8)
+
+
 def test_behaviours_off_keep_the_old_traces():
     import random
 

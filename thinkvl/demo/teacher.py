@@ -65,6 +65,10 @@ class ProgramTeacher:
 
     Args:
         seed: base seed; a record's samples depend only on (seed, record id).
+        glance_rate, glance_rate_decay: probability that a trace is a glance (the answer with no
+            working) at difficulty level 1, and how much less per level above it.
+        glance_accuracy, glance_decay: how often a glance is right at level 1, and how much less
+            per level above it.
         mistake_rate: probability that a trace makes a mistake it catches and repairs.
         wrong_rate: probability that a trace makes a mistake it does not catch (wrong answer).
         explore_rate: probability that a trace re-derives its answer another way.
@@ -74,11 +78,13 @@ class ProgramTeacher:
 
     def __init__(self, seed: int = 0, mistake_rate: float = 0.2, wrong_rate: float = 0.0,
                  explore_rate: float = 0.3, check_rate: float = 1.0, plan_rate: float = 1.0,
-                 glance_rate: float = 0.0, glance_accuracy: float = 1.0, glance_decay: float = 0.0) -> None:
+                 glance_rate: float = 0.0, glance_accuracy: float = 1.0, glance_decay: float = 0.0,
+                 glance_rate_decay: float = 0.0) -> None:
         for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
                            ("explore_rate", explore_rate), ("check_rate", check_rate),
                            ("plan_rate", plan_rate), ("glance_rate", glance_rate),
-                           ("glance_accuracy", glance_accuracy), ("glance_decay", glance_decay)):
+                           ("glance_accuracy", glance_accuracy), ("glance_decay", glance_decay),
+                           ("glance_rate_decay", glance_rate_decay)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
         self.seed = seed
@@ -90,6 +96,14 @@ class ProgramTeacher:
         self.glance_rate = glance_rate
         self.glance_accuracy = glance_accuracy
         self.glance_decay = glance_decay
+        self.glance_rate_decay = glance_rate_decay
+
+    def glance_prob(self, record: dict[str, Any]) -> float:
+        """Probability that a trace for ``record`` is a glance: ``glance_rate`` at level 1,
+        ``glance_rate_decay`` less per level above it (floor 0): a teacher that skips the working
+        on easy problems and works the hard ones out."""
+        level = int(record.get("difficulty_level") or 1)
+        return max(0.0, self.glance_rate - self.glance_rate_decay * (level - 1))
 
     def glance_right(self, record: dict[str, Any]) -> float:
         """Probability that the teacher's glance at ``record`` is right: ``glance_accuracy`` at level
@@ -109,7 +123,7 @@ class ProgramTeacher:
             check = rng.random() < self.check_rate
             # draw only for behaviours that are on, so traces with them off stay as they were
             plan = self.plan_rate == 1.0 or rng.random() < self.plan_rate
-            if self.glance_rate and record["task"] != "describe" and rng.random() < self.glance_rate:
+            if self.glance_rate and record["task"] != "describe" and rng.random() < self.glance_prob(record):
                 out.append(glance_trace(record, rng, right=rng.random() < self.glance_right(record)))
                 continue
             out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check, plan=plan))

@@ -63,6 +63,7 @@ class TeacherConfig:
     glance_rate: float = 0.0  # program: traces that answer at a glance, with no working (a shortcut)
     glance_accuracy: float = 1.0  # program: how often a glance is right on the easiest problems
     glance_decay: float = 0.0  # program: ... and how much less often per difficulty level above
+    glance_rate_decay: float = 0.0  # program: how much less often a trace glances per level above 1
 
 
 @dataclass
