@@ -60,6 +60,12 @@ Lines = list[str]
 
 # ----------------------------------------------------------------------------- teacher
 
+def _by_level(record: dict[str, Any], at_level_1: float, per_level: float, *, floor: float) -> float:
+    """A probability that falls linearly with the record's difficulty level, never under ``floor``."""
+    level = int(record.get("difficulty_level") or 1)
+    return max(floor, at_level_1 - per_level * (level - 1))
+
+
 class ProgramTeacher:
     """Samples reasoning traces for synthetic problem records.
 
@@ -102,14 +108,12 @@ class ProgramTeacher:
         """Probability that a trace for ``record`` is a glance: ``glance_rate`` at level 1,
         ``glance_rate_decay`` less per level above it (floor 0): a teacher that skips the working
         on easy problems and works the hard ones out."""
-        level = int(record.get("difficulty_level") or 1)
-        return max(0.0, self.glance_rate - self.glance_rate_decay * (level - 1))
+        return _by_level(record, self.glance_rate, self.glance_rate_decay, floor=0.0)
 
     def glance_right(self, record: dict[str, Any]) -> float:
         """Probability that the teacher's glance at ``record`` is right: ``glance_accuracy`` at level
         1, ``glance_decay`` less per level above it (floor 0.05): shortcuts work on easy problems."""
-        level = int(record.get("difficulty_level") or 1)
-        return max(0.05, self.glance_accuracy - self.glance_decay * (level - 1))
+        return _by_level(record, self.glance_accuracy, self.glance_decay, floor=0.05)
 
     def sample(self, record: dict[str, Any], n: int) -> list[str]:
         """``n`` independent traces for one problem record (simple problems may repeat one)."""
