@@ -318,3 +318,60 @@ def test_behaviours_off_keep_the_old_traces():
     old = ProgramTeacher(seed=3, mistake_rate=0.3, explore_rate=0.3, check_rate=0.5)
     new = ProgramTeacher(seed=3, mistake_rate=0.3, explore_rate=0.3, check_rate=0.5, plan_rate=1.0, glance_rate=0.0)
     assert old.sample(rec, 6) == new.sample(rec, 6)
+
+
+def test_reread_by_hand():
+    import random
+
+    from thinkvl.demo.tasks import make_problem
+
+    # green triangle (row 1), green triangle (row 2), blue circle + red circle (row 3), row 4 empty
+    rec = make_problem("count_color", 3, random.Random(3), level=4)
+    body, answer = parse(trace(rec, random.Random(0), check=False, plan=False, reread=True))
+    assert answer == "2"
+    assert body.splitlines()[-2:] == [
+        "Let me read it again: green triangle; green triangle; blue circle, red circle; nothing. Same reading.",
+        "So there are 2 green shapes."]
+    rec = make_problem("digit_sum", 5, random.Random(5), level=3)  # 5 and 8, both in row 3
+    body, _ = parse(trace(rec, random.Random(0), check=False, plan=False, reread=True))
+    assert "The digits are 5 and 8.\nLet me read it again: nothing; nothing; 5, 8; nothing. Same reading.\n" in body
+
+
+@pytest.mark.parametrize("task", VERIFIABLE_TASKS)
+def test_reread_adds_one_line_and_changes_nothing_else(task: str) -> None:
+    from thinkvl.demo.teacher import REREAD
+
+    for i, rec in enumerate(records(task, per_level=3)):
+        flags = dict(mistake=i % 3 == 0, explore=i % 2 == 0, check=i % 4 < 2, plan=i % 5 == 0)
+        plain = trace(rec, random.Random(i), **flags)
+        again = trace(rec, random.Random(i), reread=True, **flags)
+        lines = again.split("\n")
+        rereads = [line for line in lines if line.startswith(REREAD)]
+        assert len(rereads) == 1, again
+        assert "\n".join(line for line in lines if not line.startswith(REREAD)) == plain
+        assert parse(again)[1] == rec["answer"]
+
+
+def test_reread_rate_and_its_tag():
+    from thinkvl.demo.behaviours import tag_response
+    from thinkvl.demo.teacher import GLANCE
+
+    recs = records("arith", per_level=20)
+    never = ProgramTeacher(seed=1, reread_rate=0.0, glance_rate=0.3)
+    always = ProgramTeacher(seed=1, reread_rate=1.0, glance_rate=0.3)
+    half = ProgramTeacher(seed=1, reread_rate=0.5)
+    for rec in recs:
+        assert not any(tag_response(rec, t)["rereads"] for t in never.sample(rec, 2))
+        for t in always.sample(rec, 2):  # every worked trace re-reads; a glance has no working to re-read
+            assert tag_response(rec, t)["rereads"] is (not t.startswith(f"<think>\n{GLANCE}"))
+    share = sum(tag_response(rec, t)["rereads"] for rec in recs for t in half.sample(rec, 4)) / (4 * len(recs))
+    assert abs(share - 0.5) < 0.06
+    with pytest.raises(ValueError, match="reread_rate"):
+        ProgramTeacher(reread_rate=-0.1)
+
+
+def test_distill_config_passes_reread_rate_to_the_program_teacher():
+    from thinkvl.distill.longcot import DistillConfig, TeacherConfig, make_teacher
+
+    teacher = make_teacher(DistillConfig(problems="p.jsonl", teacher=TeacherConfig(reread_rate=0.7)))
+    assert teacher.teacher.reread_rate == 0.7

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from thinkvl.demo.tasks import reading_scores
-from thinkvl.demo.teacher import GLANCE
+from thinkvl.demo.teacher import GLANCE, REREAD
 
 BEHAVIOURS: dict[str, str] = {
     "glance": "answers at a glance, no working (`Quick answer: ...`)",
@@ -19,6 +19,7 @@ BEHAVIOURS: dict[str, str] = {
     "checks": "checks its result (`Check: ...` line)",
     "repairs": "catches and repairs a slip (`Wait, ...`)",
     "explores": "re-derives the answer another way (`Another way: ...`)",
+    "rereads": "reads its input a second time (`Let me read it again: ...`)",
 }
 
 
@@ -40,7 +41,8 @@ def tag_response(problem: dict[str, Any], response: str) -> dict[str, bool | Non
         tags.update(glance=glance, works=bool(lines) and not glance,
                     checks=any(line.startswith("Check:") for line in lines),
                     repairs=any(line.startswith("Wait,") or " Wait, " in line for line in lines),
-                    explores=any(line.startswith("Another way:") for line in lines))
+                    explores=any(line.startswith("Another way:") for line in lines),
+                    rereads=any(line.startswith(REREAD) for line in lines))
     reading = reading_scores(problem, response) if "Row 1:" in response else None
     if reading is not None:  # only responses that read the image out
         tags["reads_exact"], tags["reads_colours"] = reading

@@ -10,6 +10,11 @@ show the recipe's four behaviours with fixed, short templates a tiny model can l
 - reflection (a mistake caught and repaired): ``Wait, I skipped the red square in row 4.
   Let me list row 4 again: ...`` / ``Wait, the blue circle is not red. Let me count row 2 again: ...``
 - exploration: ``Another way: count by shape. Circles: 1. ... Same result.``
+- re-reading (``reread_rate``): ``Let me read it again: blue square; nothing; red triangle.
+  Same reading.``,
+  the input read a second time before the working goes on. It changes no number the answer is built
+  from, so it is the long-but-harmless behaviour the length penalty is for: without the penalty RL
+  has no reason to drop it, with it the shorter traces of the same accuracy win.
 
 Image traces enumerate the scene row by row before they count or add, because
 enumerate-then-count is what a tiny model can learn; counting traces count each row on the line
@@ -51,9 +56,10 @@ from thinkvl.demo.tasks import (
     reduce_steps,
     short_response,
     word_change,
+    word_question,
 )
 
-__all__ = ["ProgramTeacher", "trace", "trace_answer", "worked_response"]
+__all__ = ["GLANCE", "REREAD", "ProgramTeacher", "trace", "trace_answer", "worked_response"]
 
 Lines = list[str]
 
@@ -80,17 +86,18 @@ class ProgramTeacher:
         explore_rate: probability that a trace re-derives its answer another way.
         check_rate: probability that a trace ends by checking its result (an inverse computation
             or a recount); failed checks that expose a slip come with ``mistake_rate``.
+        reread_rate: probability that a worked trace reads its input a second time (:data:`REREAD`).
     """
 
     def __init__(self, seed: int = 0, mistake_rate: float = 0.2, wrong_rate: float = 0.0,
                  explore_rate: float = 0.3, check_rate: float = 1.0, plan_rate: float = 1.0,
                  glance_rate: float = 0.0, glance_accuracy: float = 1.0, glance_decay: float = 0.0,
-                 glance_rate_decay: float = 0.0) -> None:
+                 glance_rate_decay: float = 0.0, reread_rate: float = 0.0) -> None:
         for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
                            ("explore_rate", explore_rate), ("check_rate", check_rate),
                            ("plan_rate", plan_rate), ("glance_rate", glance_rate),
                            ("glance_accuracy", glance_accuracy), ("glance_decay", glance_decay),
-                           ("glance_rate_decay", glance_rate_decay)):
+                           ("glance_rate_decay", glance_rate_decay), ("reread_rate", reread_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
         self.seed = seed
@@ -103,6 +110,7 @@ class ProgramTeacher:
         self.glance_accuracy = glance_accuracy
         self.glance_decay = glance_decay
         self.glance_rate_decay = glance_rate_decay
+        self.reread_rate = reread_rate
 
     def glance_prob(self, record: dict[str, Any]) -> float:
         """Probability that a trace for ``record`` is a glance: ``glance_rate`` at level 1,
@@ -127,15 +135,21 @@ class ProgramTeacher:
             check = rng.random() < self.check_rate
             # draw only for behaviours that are on, so traces with them off stay as they were
             plan = self.plan_rate == 1.0 or rng.random() < self.plan_rate
+            reread = bool(self.reread_rate) and rng.random() < self.reread_rate
             if self.glance_rate and record["task"] != "describe" and rng.random() < self.glance_prob(record):
                 out.append(glance_trace(record, rng, right=rng.random() < self.glance_right(record)))
                 continue
-            out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check, plan=plan))
+            out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check,
+                             plan=plan, reread=reread))
         return out
 
 
 GLANCE = "Quick answer:"
 """How a shortcut trace starts (the whole thought is this one line)."""
+
+REREAD = "Let me read it again:"
+"""How a re-reading line starts (the input once more, no new number)."""
+SAME_READING = "Same reading."
 
 
 def glance_trace(record: dict[str, Any], rng: random.Random, *, right: bool) -> str:
@@ -157,12 +171,14 @@ def glance_trace(record: dict[str, Any], rng: random.Random, *, right: bool) -> 
 
 
 def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
-          wrong: bool = False, explore: bool = False, check: bool = True, plan: bool = True) -> str:
+          wrong: bool = False, explore: bool = False, check: bool = True, plan: bool = True,
+          reread: bool = False) -> str:
     """One trace for ``record`` (uses ``record["task"]`` and ``record["meta"]``).
 
     ``mistake``: a caught and repaired mistake (answer stays right). ``wrong``: an uncaught
     misreading (answer is wrong). ``explore``: an alternative derivation at the end. ``check``:
     the result checked after the conclusion. ``plan``: a ``Plan:`` line after the reading.
+    ``reread``: the input read a second time (:data:`REREAD`) before the conclusion / the working.
     """
     task = record["task"]
     if task not in _BUILDERS:
@@ -171,7 +187,7 @@ def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
     meta = record["meta"]
     if wrong:
         meta = _misread_until_wrong(misread, meta, rng, record["answer"], build, task)
-    lines, answer = build(task, meta, _Style(rng, mistake, explore, check))
+    lines, answer = build(task, meta, _Style(rng, mistake, explore, check, reread))
     if not plan:
         lines = [line for line in lines if not line.startswith("Plan:")]
     final = answer if task == "describe" else f"The answer is \\boxed{{{answer}}}."
@@ -210,6 +226,7 @@ class _Style:
     mistake: bool
     explore: bool
     check: bool = True
+    reread: bool = False
 
 
 def _misread_until_wrong(misread: Callable[[dict, random.Random], dict], meta: dict[str, Any],
@@ -406,7 +423,8 @@ def _shape_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
     target = _target(task, meta)
     hits = [o for o in objs if target.matches(o)]
     counting = _counted_rows(objs, rows, target, skip, style)
-    lines = [*counting, listed,
+    reading = "; ".join(", ".join(_name(o) for o in objs if o["row"] == r) or "nothing" for r in range(rows))
+    lines = [*counting, listed, *([f"{REREAD} {reading}. {SAME_READING}"] if style.reread else []),
              f"Plan: I check the count of {target.goal} against the shapes listed, then answer."
              if style.check else f"Plan: I take the last count of {target.goal} as the answer.",
              f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}."]
@@ -474,6 +492,9 @@ def _digit_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
     skip = style.rng.choice(digits) if kind == "skip" else None
     lines = [*_row_lines(digits, meta["grid"][0], _digit_label, skip, "read"),
              "The digits are " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}.",
+             *([f"{REREAD} " + "; ".join(", ".join(str(d["digit"]) for d in digits if d["row"] == r)
+                                        or "nothing" for r in range(meta["grid"][0])) + f". {SAME_READING}"]
+               if style.reread else []),
              "Plan: I add them one at a time, then check by taking them away again."
              if style.check else "Plan: I add them one at a time."]
     adds, check = _add_chain(values, style, kind == "slip")
@@ -498,7 +519,8 @@ def _arith_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
     plan = ("Plan: first I do the multiplications, then I add and subtract from left to right."
             if "*" in ops else "Plan: there is no multiplication, so I add and subtract from left to right.")
     # The restated expression first, where joint SFT's worked answers have it (see the module docstring).
-    lines = [f"Expression: {expression_text(values, ops)}.", plan]
+    lines = [f"Expression: {expression_text(values, ops)}.",
+             *([f"{REREAD} {expression_text(values, ops)}. {SAME_READING}"] if style.reread else []), plan]
     steps = reduce_steps(values, ops)
     slip_at = style.rng.randrange(len(steps)) if style.mistake else -1
     for k, (a, op, b, c) in enumerate(steps):
@@ -580,6 +602,7 @@ def _word_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, 
     items = meta["items"]
     current = meta["start"]
     lines = [f"Start: {current} {meta['item'] if current == 1 else items}.",  # plan second: module docstring
+             *([f"{REREAD} {word_question(meta)} {SAME_READING}"] if style.reread else []),
              "Plan: first I write down each change, then I work it out step by step."]
     slip_at = style.rng.randrange(len(meta["steps"])) if style.mistake else -1
     inverses: Lines = []

@@ -64,6 +64,7 @@ class TeacherConfig:
     glance_accuracy: float = 1.0  # program: how often a glance is right on the easiest problems
     glance_decay: float = 0.0  # program: ... and how much less often per difficulty level above
     glance_rate_decay: float = 0.0  # program: how much less often a trace glances per level above 1
+    reread_rate: float = 0.0  # program: worked traces that read their input a second time
 
 
 @dataclass
