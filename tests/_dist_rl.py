@@ -158,6 +158,9 @@ def run_train(model_dir: str, problems: str, out_dir: str, verifier: str, precis
     cfg.iterations, cfg.save_every = 2, 1
     cfg.out_dir = out_dir
     train(cfg)
+    from conftest import assert_models_released
+
+    assert_models_released()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from conftest import sft_config  # noqa: E402  (tests/ is this script's folder, so on sys.path)
+from conftest import assert_models_released, sft_config  # noqa: E402  (tests/ is this script's folder, so on sys.path)
 
 from thinkvl.train.sft import train  # noqa: E402
 
@@ -17,3 +17,4 @@ if __name__ == "__main__":
     model_dir, data, out_dir, grad_accum, max_steps = sys.argv[1:6]
     train(sft_config(model_dir, data, out_dir, save_every=2, max_steps=int(max_steps),
                      **{"optim.grad_accum": int(grad_accum)}))
+    assert_models_released()

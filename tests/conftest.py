@@ -157,6 +157,17 @@ def sft_data(tmp_path_factory) -> Path:
     return synth(tmp_path_factory.mktemp("data"), seed=0, n_sft=24, n_rl=0, n_eval=0)["sft"]
 
 
+def assert_models_released() -> None:
+    """After a stage's `train` returns, no module holding parameters may still be alive: a trained
+    model that outlives its run keeps its memory and, under FSDP2, its process group until the
+    interpreter exits, where tearing gloo down aborted a finished 2-process run (SIGABRT)."""
+    import gc
+
+    held = [type(o).__name__ for o in gc.get_objects()
+            if isinstance(o, torch.nn.Module) and next(o.parameters(recurse=False), None) is not None]
+    assert not held, f"{len(held)} modules with parameters still alive after train(): {sorted(set(held))[:8]}"
+
+
 def sft_config(model_dir: Path, data: Path, out_dir: Path, **overrides):
     """A small two-stage SFT config on the tiny model: stage 1 at 128 tokens, stage 2 at 256."""
     from thinkvl.train.sft import SFTConfig, SourceConfig, StageConfig

@@ -27,7 +27,10 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | No
     return out
 
 
-# model -> its last decoder MLP (or None): found once, not on every forward pass
+# model -> a weak reference to its last decoder MLP (or None): found once, not on every forward
+# pass. The value must not hold the MLP strongly: the MLP is part of the key, so a strong value
+# keeps the model (and, under FSDP2, its process group) alive until the interpreter exits, where
+# gloo's threads then crash the process ("terminate called without an active exception").
 _LAST_MLP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -38,13 +41,14 @@ def last_decoder_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
     (a vision tower's ``layers`` hold encoder blocks), as in Qwen2, Qwen2.5-VL, Qwen3-VL and the
     DeepseekV3 LM of Kimi-VL."""
     if model in _LAST_MLP:
-        return _LAST_MLP[model]
+        ref = _LAST_MLP[model]
+        return None if ref is None else ref()
     found = None
     for name, module in model.named_modules():
         if (isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module)
                 and type(module[-1]).__name__.endswith("DecoderLayer") and hasattr(module[-1], "mlp")):
             found = module[-1].mlp
-    _LAST_MLP[model] = found
+    _LAST_MLP[model] = None if found is None else weakref.ref(found)
     return found
 
 

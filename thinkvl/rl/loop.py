@@ -419,6 +419,7 @@ def check_no_banned(flat: list[Rollout], banned: tuple[int, ...]) -> None:
                 "the generation engine must honour SamplingParams.banned_token_ids")
 
 
+@D.releases_process_group
 def train(cfg: RLConfig) -> RunDir:
     """Run policy-mirror-descent RL as configured; returns the run directory."""
     d = D.setup()

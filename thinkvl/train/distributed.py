@@ -7,6 +7,8 @@ loss meant to be a global sum over N tokens is scaled by world_size / N on every
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import types
 from dataclasses import dataclass
@@ -130,3 +132,21 @@ def cleanup(d: Dist) -> None:
         # active exception", SIGABRT), seen twice in the 2-process RL test on a loaded machine.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def releases_process_group(train_fn):
+    """Decorate a stage's `train`: when it returns (or raises), collect garbage, so the sharded model
+    and optimiser it dropped, and with them the process group their device mesh holds, are freed
+    while the interpreter is alive. FSDP2 models hold reference cycles (hooks and registered forward
+    methods point back at their modules), so without a collection they live until interpreter exit,
+    where destroying gloo's worker threads aborted a rank ("terminate called without an active
+    exception", SIGABRT) after a run had finished and saved everything."""
+
+    @functools.wraps(train_fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return train_fn(*args, **kwargs)
+        finally:
+            gc.collect()
+
+    return wrapper

@@ -301,6 +301,7 @@ def _run_eval(model, loaded: Loaded, cfg: SFTConfig, eval_examples, eval_problem
     return out
 
 
+@D.releases_process_group
 def train(cfg: SFTConfig) -> RunDir:
     """Run joint / long-CoT SFT as configured; returns the run directory."""
     d = D.setup()
