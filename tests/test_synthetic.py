@@ -462,3 +462,37 @@ def test_worked_split_holds_worked_verifiable_conversations_and_leaves_the_rest(
         assert r["messages"][1]["content"].endswith(f"\\boxed{{{r['answer']}}}.")
     with pytest.raises(ValueError, match="n_worked"):
         synth(tmp_path / "bad", n_worked=-1)
+
+
+def test_worked_colours_per_scene_ask_one_scene_about_every_colour(tmp_path: Path) -> None:
+    """``colours_per_scene=3``: the worked split's count_color scenes come in groups of three
+    consecutive count_color records with one image and the three colours of the palette; each
+    answer and worked solution is right for the image's pixels; every other record, and every other
+    split, is what ``colours_per_scene=1`` writes."""
+    from thinkvl.demo.teacher import worked_response
+
+    kwargs = dict(seed=3, n_sft=40, n_rl=20, n_eval=20, n_worked=120, tasks=["count_color", "arith"])
+    plain = synth(tmp_path / "plain", **kwargs)
+    out = synth(tmp_path / "asked", **kwargs, colours_per_scene=3)
+    for split in ("sft", "rl", "eval"):
+        assert out[split].read_bytes() == plain[split].read_bytes(), split
+    worked, before = read_jsonl(out["worked"]), read_jsonl(plain["worked"])
+    assert [r["id"] for r in worked] == [r["id"] for r in before]
+    assert [r for r in worked if r["task"] == "arith"] == [r for r in before if r["task"] == "arith"]
+    counting = [r for r in worked if r["task"] == "count_color"]
+    assert len(counting) == 60 and all(len(r["meta"]["palette"]) == 3 for r in counting)
+    answers = set()
+    for start in range(0, len(counting), 3):
+        group = counting[start:start + 3]
+        images = {r["messages"][0]["content"][0]["image"] for r in group}
+        assert len(images) == 1 and group[0]["id"] in images.pop()
+        assert sorted(r["meta"]["target"]["colors"][0] for r in group) == sorted(group[0]["meta"]["palette"])
+        assert group[0] == next(r for r in before if r["id"] == group[0]["id"])  # the drawn colour first
+        objects = decode_shapes(load_pixels(image_path(out["worked"], group[0])), COLORS)
+        for r in group:
+            assert int(r["answer"]) == count_from_pixels(r, objects)
+            assert r["messages"][1]["content"] == worked_response(dict(r, messages=r["messages"][:1]))
+            answers.add(r["answer"])
+    assert len(answers) > 3
+    with pytest.raises(ValueError, match="colours_per_scene"):
+        synth(tmp_path / "bad", **kwargs, colours_per_scene=4)

@@ -28,6 +28,8 @@ number); the other six are verifiable and go into the RL and evaluation sets.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import random
@@ -615,19 +617,42 @@ def split_counts(total: int, tasks: Sequence[str]) -> dict[str, int]:
     return {t: base + (i < extra) for i, t in enumerate(tasks)}
 
 
+def ask_other_colour(record: dict[str, Any], index: int, color: str) -> dict[str, Any]:
+    """The ``count_color`` problem ``record`` asked about ``color`` instead: same scene (and image
+    file), its own id ``count_color-{index:06d}``, the question and answer for ``color``."""
+    if record["task"] != "count_color":
+        raise ValueError(f"only count_color problems can be asked about another colour, got {record['task']!r}")
+    meta = copy.deepcopy(record["meta"])
+    meta["target"] = {"colors": [color]}
+    question = QUESTIONS["count_color"].format(color=color)
+    image = next(part["image"] for part in record["messages"][0]["content"] if part.get("type") == "image")
+    content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+    answer = sum(o["color"] == color for o in meta["objects"])
+    return dict(record, id=_record_id("count_color", index), answer=str(answer), meta=meta,
+                messages=[{"role": "user", "content": content}])
+
+
 def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response: bool,
                 levels: tuple[int, int] | None = None, *, start_index: int = 0,
                 colors: Sequence[str] = DEFAULT_COLORS,
-                grid: tuple[int, int] = DEFAULT_GRID, answers: str = "direct") -> dict[str, int]:
+                grid: tuple[int, int] = DEFAULT_GRID, answers: str = "direct",
+                colours_per_scene: int = 1) -> dict[str, int]:
     """Write ``tasks`` (task -> count) as JSONL, images in ``images/`` beside it; return counts.
 
     Records are shuffled across tasks; record ``i`` gets id ``{task}-{start_index + i:06d}`` and
     its own generator seeded from (seed, index). ``levels`` = (low, high) bounds the uniformly
     drawn difficulty levels (default: all levels). ``with_response`` adds the short answer as an
     assistant turn (joint-SFT conversations), in the style ``answers`` (:data:`ANSWER_STYLES`).
+    ``colours_per_scene`` > 1: ``count_color`` scenes come in groups that ask the same scene about
+    that many colours of its palette (the drawn one first, then the others in palette order); a
+    group's records share one image and differ only in the colour asked, so nothing but the
+    question's colour tells their answers apart.
     """
     if answers not in ANSWER_STYLES:
         raise ValueError(f"answers must be one of {ANSWER_STYLES}, got {answers!r}")
+    if not 1 <= colours_per_scene <= len(colors):
+        raise ValueError(f"colours_per_scene must be between 1 and the number of colours ({len(colors)}), "
+                         f"got {colours_per_scene}")
     low, high = levels if levels is not None else (1, MAX_LEVEL)
     if not 1 <= low <= high <= MAX_LEVEL:
         raise ValueError(f"levels must satisfy 1 <= low <= high <= {MAX_LEVEL}, got {levels}")
@@ -638,12 +663,21 @@ def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     image_dir = out_path.parent / "images"
     counts = {task: 0 for task in tasks}
+    asked: list[str] = []  # the colours the current count_color scene is still to be asked about
+    scene: dict[str, Any] | None = None
     with out_path.open("w", encoding="utf-8", newline="\n") as f:
         for i, task in enumerate(order):
             index = start_index + i
             level = rng.randint(low, high)
-            record = make_problem(task, index, random.Random(_derive_seed(seed, "record", index)),
-                                  level, image_dir, "images", colors=colors, grid=grid)
+            if task == "count_color" and asked and scene is not None:
+                record = ask_other_colour(scene, index, asked.pop(0))
+            else:
+                record = make_problem(task, index, random.Random(_derive_seed(seed, "record", index)),
+                                      level, image_dir, "images", colors=colors, grid=grid)
+                if task == "count_color" and colours_per_scene > 1:
+                    scene = record
+                    drawn = record["meta"]["target"]["colors"][0]
+                    asked = [c for c in record["meta"]["palette"] if c != drawn][:colours_per_scene - 1]
             if with_response:
                 record = _with_response(record, answers)
             f.write(json.dumps(record) + "\n")
@@ -655,7 +689,7 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
           tasks: Sequence[str] | None = None, *, levels: tuple[int, int] | None = None,
           colors: Sequence[str] = DEFAULT_COLORS,
           grid: tuple[int, int] = DEFAULT_GRID, n_grounding: int = 0,
-          answers: str = "direct", n_worked: int = 0) -> dict[str, Path]:
+          answers: str = "direct", n_worked: int = 0, colours_per_scene: int = 1) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rl.jsonl`` and ``eval.jsonl`` (+ ``images/``) into ``out_dir``.
 
     Counts are totals per split, shared evenly over the tasks. ``sft`` holds conversations of
@@ -666,7 +700,9 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
     (:data:`ANSWER_STYLES`): ``direct`` states the result, ``worked`` reads the image out row by
     row (or writes out the steps) before it. With ``n_worked`` > 0, ``worked.jsonl`` holds that
     many conversations of the verifiable tasks answered worked (whatever ``answers`` is): the
-    demo's stand-in for the worked solutions a real base model saw in pretraining. Each split draws
+    demo's stand-in for the worked solutions a real base model saw in pretraining; its
+    ``count_color`` scenes are asked about ``colours_per_scene`` colours each (:func:`write_split`).
+    Each split draws
     from its own seed stream and ids never repeat across splits, so ``eval`` is held out.
     """
     tasks = tuple(tasks) if tasks is not None else TASKS
@@ -692,7 +728,8 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
         path = out_dir / f"{name}.jsonl"
         write_split(path, counts, _derive_seed(seed, name), with_response, levels,
                     start_index=start, colors=colors, grid=grid,
-                    answers="worked" if name == "worked" else answers)
+                    answers="worked" if name == "worked" else answers,
+                    colours_per_scene=colours_per_scene if name == "worked" else 1)
         paths[name] = path
     return paths
 
