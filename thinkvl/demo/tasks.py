@@ -29,7 +29,6 @@ number); the other six are verifiable and go into the RL and evaluation sets.
 from __future__ import annotations
 
 import copy
-
 import hashlib
 import json
 import random
@@ -621,7 +620,8 @@ def ask_other_colour(record: dict[str, Any], index: int, color: str) -> dict[str
     """The ``count_color`` problem ``record`` asked about ``color`` instead: same scene (and image
     file), its own id ``count_color-{index:06d}``, the question and answer for ``color``."""
     if record["task"] != "count_color":
-        raise ValueError(f"only count_color problems can be asked about another colour, got {record['task']!r}")
+        raise ValueError("only count_color problems can be asked about another colour, "
+                         f"got {record['task']!r}")
     meta = copy.deepcopy(record["meta"])
     meta["target"] = {"colors": [color]}
     question = QUESTIONS["count_color"].format(color=color)
@@ -702,8 +702,8 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
     many conversations of the verifiable tasks answered worked (whatever ``answers`` is): the
     demo's stand-in for the worked solutions a real base model saw in pretraining; its
     ``count_color`` scenes are asked about ``colours_per_scene`` colours each (:func:`write_split`).
-    Each split draws
-    from its own seed stream and ids never repeat across splits, so ``eval`` is held out.
+    Each split draws from its own seed stream and ids never repeat across splits, so ``eval`` is
+    held out.
     """
     tasks = tuple(tasks) if tasks is not None else TASKS
     unknown = [t for t in tasks if t not in TASKS]
