@@ -496,3 +496,5 @@ def test_worked_colours_per_scene_ask_one_scene_about_every_colour(tmp_path: Pat
     assert len(answers) > 3
     with pytest.raises(ValueError, match="colours_per_scene"):
         synth(tmp_path / "bad", **kwargs, colours_per_scene=4)
+    with pytest.raises(ValueError, match="colours_per_scene"):  # refused even with no worked split
+        synth(tmp_path / "bad0", **dict(kwargs, n_worked=0), colours_per_scene=0)

@@ -715,6 +715,9 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
         raise ValueError(f"n_grounding must be >= 0, got {n_grounding}")
     if n_worked < 0:
         raise ValueError(f"n_worked must be >= 0, got {n_worked}")
+    if not 1 <= colours_per_scene <= len(colors):  # checked here too: only the worked split uses it
+        raise ValueError(f"colours_per_scene must be between 1 and the number of colours ({len(colors)}), "
+                         f"got {colours_per_scene}")
     plan = [("sft", split_counts(n_sft, tasks), True, 0),
             ("rl", split_counts(n_rl, verifiable), False, n_sft),
             ("eval", split_counts(n_eval, verifiable), False, n_sft + n_rl)]
