@@ -632,6 +632,12 @@ def ask_other_colour(record: dict[str, Any], index: int, color: str) -> dict[str
                 messages=[{"role": "user", "content": content}])
 
 
+def _check_colours_per_scene(colours_per_scene: int, colors: Sequence[str]) -> None:
+    if not 1 <= colours_per_scene <= len(colors):
+        raise ValueError(f"colours_per_scene must be between 1 and the number of colours ({len(colors)}), "
+                         f"got {colours_per_scene}")
+
+
 def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response: bool,
                 levels: tuple[int, int] | None = None, *, start_index: int = 0,
                 colors: Sequence[str] = DEFAULT_COLORS,
@@ -650,9 +656,7 @@ def write_split(out_path: Path, tasks: dict[str, int], seed: int, with_response:
     """
     if answers not in ANSWER_STYLES:
         raise ValueError(f"answers must be one of {ANSWER_STYLES}, got {answers!r}")
-    if not 1 <= colours_per_scene <= len(colors):
-        raise ValueError(f"colours_per_scene must be between 1 and the number of colours ({len(colors)}), "
-                         f"got {colours_per_scene}")
+    _check_colours_per_scene(colours_per_scene, colors)
     low, high = levels if levels is not None else (1, MAX_LEVEL)
     if not 1 <= low <= high <= MAX_LEVEL:
         raise ValueError(f"levels must satisfy 1 <= low <= high <= {MAX_LEVEL}, got {levels}")
@@ -715,9 +719,7 @@ def synth(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_rl: int = 600, n_ev
         raise ValueError(f"n_grounding must be >= 0, got {n_grounding}")
     if n_worked < 0:
         raise ValueError(f"n_worked must be >= 0, got {n_worked}")
-    if not 1 <= colours_per_scene <= len(colors):  # checked here too: only the worked split uses it
-        raise ValueError(f"colours_per_scene must be between 1 and the number of colours ({len(colors)}), "
-                         f"got {colours_per_scene}")
+    _check_colours_per_scene(colours_per_scene, colors)  # before any split: only the worked one uses it
     plan = [("sft", split_counts(n_sft, tasks), True, 0),
             ("rl", split_counts(n_rl, verifiable), False, n_sft),
             ("eval", split_counts(n_eval, verifiable), False, n_sft + n_rl)]
