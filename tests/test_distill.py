@@ -67,6 +67,16 @@ def test_teacher_program_is_an_import_path(problems, tmp_path):
     rec = read_records(problems, "problem")[0]
     (trace,) = make_teacher(cfg).sample_batch([rec], 1)[0]
     assert trace.startswith("<think>\nQuick answer:")  # the knobs reach the demo's teacher
+    cfg.teacher.glance_tasks = ["arith"]  # ... and the task list; a count problem is worked out
+    count = next(r for r in read_records(problems, "problem") if r["task"] == "count_color")
+    (trace,) = make_teacher(cfg).sample_batch([count], 1)[0]
+    assert not trace.startswith("<think>\nQuick answer:")
+    cfg.teacher.glance_tasks = ["counting"]
+    with pytest.raises(ConfigError, match=r"teacher: glance_tasks: unknown .*\['counting'\]"):
+        make_teacher(cfg)
+    cfg.teacher.glance_tasks = "arith"
+    with pytest.raises(ConfigError, match="teacher.glance_tasks: must be a list of task names"):
+        cfg.check("")
 
 
 def test_program_teacher_build_keeps_only_verified(problems, tmp_path):

@@ -311,6 +311,26 @@ def test_glance_rate_falls_with_level():
     assert ProgramTeacher(glance_rate=0.3).glance_prob({"difficulty_level": 6}) == 0.3
 
 
+def test_glance_tasks_limits_the_shortcut_to_the_tasks_named():
+    import random
+
+    from thinkvl.demo.teacher import GLANCE
+
+    teacher = ProgramTeacher(seed=4, glance_rate=1.0, plan_rate=0.0, glance_tasks=["digit_sum", "arith"])
+    never = ProgramTeacher(seed=4, glance_rate=0.0, plan_rate=0.0)
+    for task, glances in (("digit_sum", True), ("arith", True), ("count_color", False)):
+        for i in range(20):
+            rec = make_problem(task, i, random.Random(i), level=1)
+            samples = teacher.sample(rec, 3)
+            assert all(t.startswith(f"<think>\n{GLANCE}") == glances for t in samples), (task, samples)
+            if not glances:  # a task left out draws no glance: its traces are those of glance_rate 0
+                assert samples == never.sample(rec, 3)
+    with pytest.raises(ValueError, match=r"glance_tasks: unknown or unglanceable task\(s\) \['describe'\]"):
+        ProgramTeacher(glance_tasks=["describe"])
+    with pytest.raises(ValueError, match="glance_tasks must be a list"):
+        ProgramTeacher(glance_tasks="arith")
+
+
 def test_behaviours_off_keep_the_old_traces():
     import random
 

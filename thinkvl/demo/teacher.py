@@ -51,6 +51,7 @@ from typing import Any
 
 from thinkvl.demo.tasks import (
     SHAPES,
+    VERIFIABLE_TASKS,
     count_phrase,
     expression_text,
     reduce_steps,
@@ -87,12 +88,17 @@ class ProgramTeacher:
         check_rate: probability that a trace ends by checking its result (an inverse computation
             or a recount); failed checks that expose a slip come with ``mistake_rate``.
         reread_rate: probability that a worked trace reads its input a second time (:data:`REREAD`).
+        glance_tasks: the tasks the teacher may glance at (default: every task with a checkable
+            answer); on the others it always works the problem out, as a careful teacher does where
+            shortcuts go wrong (a trace of a task left out draws no glance, so it is the same trace
+            as with ``glance_rate`` 0).
     """
 
     def __init__(self, seed: int = 0, mistake_rate: float = 0.2, wrong_rate: float = 0.0,
                  explore_rate: float = 0.3, check_rate: float = 1.0, plan_rate: float = 1.0,
                  glance_rate: float = 0.0, glance_accuracy: float = 1.0, glance_decay: float = 0.0,
-                 glance_rate_decay: float = 0.0, reread_rate: float = 0.0) -> None:
+                 glance_rate_decay: float = 0.0, reread_rate: float = 0.0,
+                 glance_tasks: Sequence[str] | None = None) -> None:
         for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
                            ("explore_rate", explore_rate), ("check_rate", check_rate),
                            ("plan_rate", plan_rate), ("glance_rate", glance_rate),
@@ -111,6 +117,15 @@ class ProgramTeacher:
         self.glance_decay = glance_decay
         self.glance_rate_decay = glance_rate_decay
         self.reread_rate = reread_rate
+        if glance_tasks is None:
+            glance_tasks = VERIFIABLE_TASKS
+        if isinstance(glance_tasks, str) or not all(isinstance(t, str) for t in glance_tasks):
+            raise ValueError(f"glance_tasks must be a list of task names, got {glance_tasks!r}")
+        unknown = [t for t in glance_tasks if t not in VERIFIABLE_TASKS]
+        if unknown:
+            raise ValueError(f"glance_tasks: unknown or unglanceable task(s) {unknown}; "
+                             f"choose from {list(VERIFIABLE_TASKS)}")
+        self.glance_tasks = frozenset(glance_tasks)
 
     def glance_prob(self, record: dict[str, Any]) -> float:
         """Probability that a trace for ``record`` is a glance: ``glance_rate`` at level 1,
@@ -136,7 +151,8 @@ class ProgramTeacher:
             # draw only for behaviours that are on, so traces with them off stay as they were
             plan = self.plan_rate == 1.0 or rng.random() < self.plan_rate
             reread = bool(self.reread_rate) and rng.random() < self.reread_rate
-            if self.glance_rate and record["task"] != "describe" and rng.random() < self.glance_prob(record):
+            if (self.glance_rate and record["task"] in self.glance_tasks
+                    and rng.random() < self.glance_prob(record)):
                 out.append(glance_trace(record, rng, right=rng.random() < self.glance_right(record)))
                 continue
             out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check,

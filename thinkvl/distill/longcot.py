@@ -65,6 +65,8 @@ class TeacherConfig:
     glance_decay: float = 0.0  # program: ... and how much less often per difficulty level above
     glance_rate_decay: float = 0.0  # program: how much less often a trace glances per level above 1
     reread_rate: float = 0.0  # program: worked traces that read their input a second time
+    # program: the tasks the teacher may glance at (empty: every task whose answer is checkable)
+    glance_tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +105,9 @@ class DistillConfig:
             raise ConfigError("k: must be >= 1")
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
             raise ConfigError(f"tasks: must be a list of task names, got {self.tasks!r}")
+        glance_tasks = self.teacher.glance_tasks
+        if not isinstance(glance_tasks, list) or not all(isinstance(t, str) and t for t in glance_tasks):
+            raise ConfigError(f"teacher.glance_tasks: must be a list of task names, got {glance_tasks!r}")
         for name in (f.name for f in fields(TeacherConfig) if f.name.endswith(("_rate", "_accuracy", "_decay"))):
             rate = getattr(self.teacher, name)
             if not 0.0 <= rate <= 1.0:
@@ -123,7 +128,14 @@ def make_teacher(cfg: DistillConfig) -> Teacher:
         takes = inspect.signature(cls).parameters
         knobs = {f.name: getattr(t, f.name) for f in fields(TeacherConfig)
                  if f.name.endswith(("_rate", "_accuracy", "_decay")) and f.name in takes}
-        return _PerRecord(cls(seed=cfg.seed, **knobs))
+        if t.glance_tasks:
+            if "glance_tasks" not in takes:
+                raise ConfigError(f"teacher.glance_tasks: {t.program} takes no glance_tasks")
+            knobs["glance_tasks"] = list(t.glance_tasks)
+        try:
+            return _PerRecord(cls(seed=cfg.seed, **knobs))
+        except ValueError as e:
+            raise ConfigError(f"teacher: {e}") from e
     if t.kind == "remote":
         import os
 
