@@ -77,6 +77,16 @@ def test_teacher_program_is_an_import_path(problems, tmp_path):
     cfg.teacher.glance_tasks = "arith"
     with pytest.raises(ConfigError, match="teacher.glance_tasks: must be a list of task names"):
         cfg.check("")
+    cfg = DistillConfig(problems=str(problems), teacher=TeacherConfig(kind="program", name_hits=True))
+    (trace,) = make_teacher(cfg).sample_batch([count], 1)[0]
+    assert f"{count['meta']['target']['colors'][0].capitalize()} ones: " in trace  # names each row's hits
+    cfg.teacher.name_hits = "yes"
+    with pytest.raises(ConfigError, match="teacher.name_hits: must be true or false, got 'yes'"):
+        make_teacher(cfg)
+    cfg.teacher.program = "thinkvl.distill.longcot:DistillConfig"  # a class without the knob
+    cfg.teacher.name_hits = True
+    with pytest.raises(ConfigError, match="teacher.name_hits: .* takes no name_hits"):
+        make_teacher(cfg)
 
 
 def test_program_teacher_build_keeps_only_verified(problems, tmp_path):

@@ -171,6 +171,8 @@ def test_bad_arguments() -> None:
         ProgramTeacher(mistake_rate=1.5)
     with pytest.raises(ValueError):
         ProgramTeacher(check_rate=-0.1)
+    with pytest.raises(ValueError, match="name_hits"):
+        ProgramTeacher(name_hits="yes")
     record = make_problem("arith", 0, random.Random(0))
     record["task"] = "unknown"
     with pytest.raises(ValueError):
@@ -194,9 +196,16 @@ def test_worked_response_by_hand() -> None:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_worked_response_is_the_clean_trace_without_plan_and_checks(task: str) -> None:
+    """The worked answers are the clean trace's working with each row's count in one number; the
+    ``name_hits`` traces name the matches of counting rows (the rest of the trace is the same)."""
     for record in records(task, per_level=4):
         text = worked_response(record)
-        think, final = trace(record, random.Random(0)).removeprefix("<think>\n").split("\n</think>\n")
+        named, plain = trace(record, random.Random(0), name_hits=True), trace(record, random.Random(0))
+        if task in SHAPE_TASKS:  # every row line differs: "Red ones: red circle. 1, ..." / "Red: 1, ..."
+            assert len(named) > len(plain) and ROW_COUNT.search(text).group(5) is None
+        assert re.sub(r"( ones)?: [^.:\n]*\. (\d+, so far)", r": \2", named) == plain
+        think, final = trace(record, random.Random(0)).removeprefix(
+            "<think>\n").split("\n</think>\n")
         kept = [line for line in think.split("\n") if not line.startswith(("Plan:", "Check:"))]
         assert text.split("\n") == kept + [final]
         assert "<think>" not in text and "Plan:" not in text and "Check:" not in text
@@ -207,23 +216,29 @@ def test_worked_response_is_the_clean_trace_without_plan_and_checks(task: str) -
 
 
 ROW_COUNT = re.compile(r"(?:^Row (\d+): |Let me (?:list|count) row (\d+) again: )(?:([^.\n]*)\. )?"
-                       r"([A-Z][a-z ]*): (\d+), so far (\d+)\.$", re.MULTILINE)
+                       r"([A-Z][a-z ]*): (?:([^.\n]*)\. )?(\d+), so far (\d+)\.$", re.MULTILINE)
+"""A row's count: 1 row, 2 row counted again, 3 the objects listed, 4 the head, 5 the matches named
+(``name_hits``), 6 the row's count, 7 the running count."""
 
 
 @pytest.mark.parametrize("task", SHAPE_TASKS)
 @pytest.mark.parametrize("mistake", [False, True])
-def test_each_row_is_counted_where_it_is_listed(task: str, mistake: bool) -> None:
+@pytest.mark.parametrize("name_hits", [False, True])
+def test_each_row_is_counted_where_it_is_listed(task: str, mistake: bool, name_hits: bool) -> None:
     """Every row line counts the matches among the objects it lists and adds them to the running
     count of the row before; a repaired row (listed or counted again) replaces its first count,
-    every row's last count is right, and the last running count is the answer."""
+    every row's last count is right, and the last running count is the answer. With ``name_hits``
+    every count is the number of objects it names, all of them from its row; a row's last count
+    names exactly the row's matches, in reading order; a miscount names one match too few or one
+    other object too many."""
     rng = random.Random(1)
-    seen_wait = 0
+    seen_wait = seen_miscount = 0
     for record in records(task):
-        think, answer = parse(trace(record, rng, mistake=mistake))
+        think, answer = parse(trace(record, rng, mistake=mistake, name_hits=name_hits))
         meta = record["meta"]
         target = meta["target"]
         head = (target["shape"].capitalize() + "s" if task == "count_shape"
-                else " and ".join(target["colors"]).capitalize())
+                else " and ".join(target["colors"]).capitalize() + (" ones" if name_hits else ""))
 
         def matches(name: str) -> bool:
             color, shape = name.split(" ")
@@ -232,23 +247,41 @@ def test_each_row_is_counted_where_it_is_listed(task: str, mistake: bool) -> Non
         running: dict[int, int] = {}
         last: dict[int, int] = {}
         listed: dict[int, list[str]] = {}
+        named: dict[int, list[str]] = {}
         for m in ROW_COUNT.finditer(think):
             row = int(m.group(1) or m.group(2))
             assert m.group(4) == head, m.group(0)
             if m.group(3) is not None:
                 listed[row] = [] if m.group(3) == "nothing" else m.group(3).split(", ")
             before = running.get(row - 1, 0)
-            assert int(m.group(6)) == before + int(m.group(5)), m.group(0)
-            running[row], last[row] = int(m.group(6)), int(m.group(5))
+            assert int(m.group(7)) == before + int(m.group(6)), m.group(0)
+            if name_hits:
+                names = [] if m.group(5) == "none" else m.group(5).split(", ")
+                assert len(names) == int(m.group(6)) and set(names) <= set(listed[row]), m.group(0)
+                named[row] = names
+            else:
+                assert m.group(5) is None, m.group(0)
+            running[row], last[row] = int(m.group(7)), int(m.group(6))
         rows = meta["grid"][0]
         assert sorted(last) == list(range(1, rows + 1)) and str(running[rows]) == answer, think
         for r in range(1, rows + 1):
             objs = [f"{o['color']} {o['shape']}" for o in meta["objects"] if o["row"] == r - 1]
             assert listed[r] == objs and last[r] == sum(map(matches, objs)), think
+            if name_hits:
+                assert named[r] == [o for o in objs if matches(o)], think
+        for slipped in re.finditer(r"\. ([^.\n]*)\. \d+, so far \d+\.\nWait, (I missed that the|the) ",
+                                   think):
+            assert name_hits and mistake
+            wrongly = slipped.group(1).split(": ")[1]
+            wrongly = [] if wrongly == "none" else wrongly.split(", ")
+            extra = [o for o in wrongly if not matches(o)]
+            assert len(extra) == (slipped.group(2) == "the"), slipped.group(0)
+            seen_miscount += 1
         seen_wait += "Wait, " in think
         if not mistake:
             assert "Wait, " not in think
     assert seen_wait > len(records(task)) // 2 if mistake else seen_wait == 0
+    assert (seen_miscount > len(records(task)) // 8) == (mistake and name_hits)
 
 
 def test_glance_is_the_direct_answer_right_or_slipped():
@@ -395,3 +428,17 @@ def test_distill_config_passes_reread_rate_to_the_program_teacher():
 
     teacher = make_teacher(DistillConfig(problems="p.jsonl", teacher=TeacherConfig(reread_rate=0.7)))
     assert teacher.teacher.reread_rate == 0.7
+
+
+def test_teacher_names_hits_only_when_asked() -> None:
+    """``name_hits`` reaches every counting trace the teacher samples and nothing else: the same
+    draws, so the traces are the plain ones with each row's matches named."""
+    problems = records("count_color", per_level=2) + records("arith", per_level=2)
+    for record in problems:
+        plain = ProgramTeacher(seed=3).sample(record, 4)
+        named = ProgramTeacher(seed=3, name_hits=True).sample(record, 4)
+        assert [re.sub(r"( ones)?: [^.:\n]*\. (\d+, so far)", r": \2", t) for t in named] == plain
+        if record["task"] == "count_color":
+            assert all(" ones: " in t for t in named) and not any(" ones: " in t for t in plain)
+        else:
+            assert named == plain

@@ -92,13 +92,16 @@ class ProgramTeacher:
             answer); on the others it always works the problem out, as a careful teacher does where
             shortcuts go wrong (a trace of a task left out draws no glance, so it is the same trace
             as with ``glance_rate`` 0).
+        name_hits: counting traces name the matches of each row before they count them
+            (``Red ones: red triangle. 1, so far 2.``); false (default): the row's count alone,
+            the form of the worked answers (:func:`worked_response`).
     """
 
     def __init__(self, seed: int = 0, mistake_rate: float = 0.2, wrong_rate: float = 0.0,
                  explore_rate: float = 0.3, check_rate: float = 1.0, plan_rate: float = 1.0,
                  glance_rate: float = 0.0, glance_accuracy: float = 1.0, glance_decay: float = 0.0,
                  glance_rate_decay: float = 0.0, reread_rate: float = 0.0,
-                 glance_tasks: Sequence[str] | None = None) -> None:
+                 glance_tasks: Sequence[str] | None = None, name_hits: bool = False) -> None:
         for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
                            ("explore_rate", explore_rate), ("check_rate", check_rate),
                            ("plan_rate", plan_rate), ("glance_rate", glance_rate),
@@ -117,6 +120,9 @@ class ProgramTeacher:
         self.glance_decay = glance_decay
         self.glance_rate_decay = glance_rate_decay
         self.reread_rate = reread_rate
+        if not isinstance(name_hits, bool):
+            raise ValueError(f"name_hits must be true or false, got {name_hits!r}")
+        self.name_hits = name_hits
         if glance_tasks is None:
             glance_tasks = VERIFIABLE_TASKS
         if isinstance(glance_tasks, str) or not all(isinstance(t, str) for t in glance_tasks):
@@ -156,7 +162,7 @@ class ProgramTeacher:
                 out.append(glance_trace(record, rng, right=rng.random() < self.glance_right(record)))
                 continue
             out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check,
-                             plan=plan, reread=reread))
+                             plan=plan, reread=reread, name_hits=self.name_hits))
         return out
 
 
@@ -188,13 +194,14 @@ def glance_trace(record: dict[str, Any], rng: random.Random, *, right: bool) -> 
 
 def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
           wrong: bool = False, explore: bool = False, check: bool = True, plan: bool = True,
-          reread: bool = False) -> str:
+          reread: bool = False, name_hits: bool = False) -> str:
     """One trace for ``record`` (uses ``record["task"]`` and ``record["meta"]``).
 
     ``mistake``: a caught and repaired mistake (answer stays right). ``wrong``: an uncaught
     misreading (answer is wrong). ``explore``: an alternative derivation at the end. ``check``:
     the result checked after the conclusion. ``plan``: a ``Plan:`` line after the reading.
     ``reread``: the input read a second time (:data:`REREAD`) before the conclusion / the working.
+    ``name_hits``: a counting trace names each row's matches before it counts them (``_row_count``).
     """
     task = record["task"]
     if task not in _BUILDERS:
@@ -203,7 +210,7 @@ def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
     meta = record["meta"]
     if wrong:
         meta = _misread_until_wrong(misread, meta, rng, record["answer"], build, task)
-    lines, answer = build(task, meta, _Style(rng, mistake, explore, check, reread))
+    lines, answer = build(task, meta, _Style(rng, mistake, explore, check, reread, name_hits))
     if not plan:
         lines = [line for line in lines if not line.startswith("Plan:")]
     final = answer if task == "describe" else f"The answer is \\boxed{{{answer}}}."
@@ -223,7 +230,8 @@ def worked_response(record: dict[str, Any]) -> str:
         So there is 1 red shape.
         The answer is \\boxed{1}.
 
-    Joint SFT on these teaches the row-by-row reading the long-CoT traces build on.
+    Joint SFT on these teaches the row-by-row reading the long-CoT traces build on. A row's count is
+    one number (the teacher's ``name_hits`` traces name the row's matches first).
     """
     body, final = trace(record, random.Random(0), check=False).split("\n</think>\n")
     lines = [line for line in body.removeprefix("<think>\n").split("\n") if not line.startswith("Plan:")]
@@ -243,6 +251,7 @@ class _Style:
     explore: bool
     check: bool = True
     reread: bool = False
+    name_hits: bool = False
 
 
 def _misread_until_wrong(misread: Callable[[dict, random.Random], dict], meta: dict[str, Any],
@@ -333,6 +342,11 @@ class _Target:
     values: list[str]  # the counted values of that attribute
     options: list[str]  # all values of that attribute
 
+    @property
+    def hits_head(self) -> str:
+        """What a row's named matches are headed with: ``Red ones`` / ``Circles``."""
+        return self.head if self.attribute == "shape" else f"{self.head} ones"
+
     def affirm(self, obj: dict[str, Any]) -> str:
         """Why ``obj`` counts: ``is red`` / ``is a circle``."""
         return f"is a {obj['shape']}" if self.attribute == "shape" else f"is {obj['color']}"
@@ -353,12 +367,18 @@ def _target(task: str, meta: dict[str, Any]) -> _Target:
 
 
 def _row_count(in_row: Sequence[dict[str, Any]], target: _Target, before: int,
-               counted: int | None = None) -> tuple[str, int]:
-    """The count of one listed row, ``Red: 1, so far 3.``, and the new running count; ``counted``
-    (default: the true number of matches in the row) is the number the row is credited with."""
-    if counted is None:
-        counted = sum(target.matches(o) for o in in_row)
-    return f"{target.head}: {counted}, so far {before + counted}.", before + counted
+               slip: dict[str, Any] | None = None, *, name_hits: bool = False) -> tuple[str, int]:
+    """The count of one listed row and the new running count: ``Red: 1, so far 3.``, or with
+    ``name_hits`` the row's matches named first, ``Red ones: red triangle. 1, so far 3.``
+    (``Red ones: none. 0, so far 2.``). ``slip``: an object of the row miscounted, a match left
+    out or a non-match counted (and named) with the matches."""
+    named = [o for o in in_row if target.matches(o) != (o is slip)]
+    counted = len(named)
+    tail = f"{counted}, so far {before + counted}."
+    if name_hits:
+        names = ", ".join(map(_name, named)) if named else "none"
+        return f"{target.hits_head}: {names}. {tail}", before + counted
+    return f"{target.head}: {tail}", before + counted
 
 
 def _counted_rows(objs: Sequence[dict[str, Any]], rows: int, target: _Target,
@@ -371,7 +391,11 @@ def _counted_rows(objs: Sequence[dict[str, Any]], rows: int, target: _Target,
     model to copy every listed object again, and it copied them wrongly; naming each object again
     with yes/no after its row (``Red: blue square no, red triangle yes, so 1, so far 2.``) was worse
     than counting the row in one number (held-out count colour 33% vs 65%, same 12,000
-    conversations); the running sums were right in 479 of 480 rows.
+    conversations); the running sums were right in 479 of 480 rows. Naming only the row's matches
+    before its count (``style.name_hits``: ``Red ones: red triangle. 1, so far 2.``) in the long-CoT
+    traces alone, the worked answers unchanged, was worse end to end at two seeds (count colour
+    after long-CoT SFT 27% and 52% greedy, RL models 47% and 54% overall against the committed
+    recipe's 63%; docs/demo.md, session 25).
     ``skip``: an object left out while listing, caught on the next line (the row is listed again).
     ``style.mistake`` (without ``skip``): one row with objects miscounted, caught on the next line.
     """
@@ -383,19 +407,17 @@ def _counted_rows(objs: Sequence[dict[str, Any]], rows: int, target: _Target,
         shown = [o for o in in_row if o is not skip]
         listing = ", ".join(map(_name, shown)) if shown else "nothing"
         if slip is not None and slip in in_row:
-            right = sum(target.matches(o) for o in in_row)
-            wrong = right - 1 if target.matches(slip) else right + 1
-            counted, _ = _row_count(in_row, target, total, wrong)
+            counted, _ = _row_count(in_row, target, total, slip, name_hits=style.name_hits)
             why = (f"I missed that the {_name(slip)} {target.affirm(slip)}" if target.matches(slip)
                    else f"the {_name(slip)} {target.negation}")
-            again, total = _row_count(in_row, target, total)
+            again, total = _row_count(in_row, target, total, name_hits=style.name_hits)
             lines += [f"Row {r + 1}: {listing}. {counted}",
                       f"Wait, {why}. Let me count row {r + 1} again: {again}"]
             continue
-        counted, new_total = _row_count(shown, target, total)
+        counted, new_total = _row_count(shown, target, total, name_hits=style.name_hits)
         lines.append(f"Row {r + 1}: {listing}. {counted}")
         if skip is not None and skip in in_row:
-            again, new_total = _row_count(in_row, target, total)
+            again, new_total = _row_count(in_row, target, total, name_hits=style.name_hits)
             lines.append(f"Wait, I skipped the {_name(skip)} in row {r + 1}. Let me list row {r + 1} "
                          f"again: " + ", ".join(map(_name, in_row)) + f". {again}")
         total = new_total

@@ -67,6 +67,9 @@ class TeacherConfig:
     reread_rate: float = 0.0  # program: worked traces that read their input a second time
     # program: the tasks the teacher may glance at (empty: every task whose answer is checkable)
     glance_tasks: list[str] = field(default_factory=list)
+    # program: counting traces name each row's matches before the row's count (`Red ones: red
+    # triangle. 1, so far 2.`) instead of the count alone (docs/demo.md, session 25)
+    name_hits: bool = False
 
 
 @dataclass
@@ -132,6 +135,12 @@ def make_teacher(cfg: DistillConfig) -> Teacher:
             if "glance_tasks" not in takes:
                 raise ConfigError(f"teacher.glance_tasks: {t.program} takes no glance_tasks")
             knobs["glance_tasks"] = list(t.glance_tasks)
+        if t.name_hits is not False:
+            if "name_hits" not in takes:
+                raise ConfigError(f"teacher.name_hits: {t.program} takes no name_hits")
+            if t.name_hits is not True:
+                raise ConfigError(f"teacher.name_hits: must be true or false, got {t.name_hits!r}")
+            knobs["name_hits"] = True
         try:
             return _PerRecord(cls(seed=cfg.seed, **knobs))
         except ValueError as e:
