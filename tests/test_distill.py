@@ -82,7 +82,7 @@ def test_teacher_program_is_an_import_path(problems, tmp_path):
     assert f"{count['meta']['target']['colors'][0].capitalize()} ones: " in trace  # names each row's hits
     cfg.teacher.name_hits = "yes"
     with pytest.raises(ConfigError, match="teacher.name_hits: must be true or false, got 'yes'"):
-        make_teacher(cfg)
+        cfg.check("")
     cfg.teacher.program = "thinkvl.distill.longcot:DistillConfig"  # a class without the knob
     cfg.teacher.name_hits = True
     with pytest.raises(ConfigError, match="teacher.name_hits: .* takes no name_hits"):

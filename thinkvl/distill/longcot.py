@@ -111,6 +111,8 @@ class DistillConfig:
         glance_tasks = self.teacher.glance_tasks
         if not isinstance(glance_tasks, list) or not all(isinstance(t, str) and t for t in glance_tasks):
             raise ConfigError(f"teacher.glance_tasks: must be a list of task names, got {glance_tasks!r}")
+        if not isinstance(self.teacher.name_hits, bool):
+            raise ConfigError(f"teacher.name_hits: must be true or false, got {self.teacher.name_hits!r}")
         for name in (f.name for f in fields(TeacherConfig) if f.name.endswith(("_rate", "_accuracy", "_decay"))):
             rate = getattr(self.teacher, name)
             if not 0.0 <= rate <= 1.0:
@@ -135,11 +137,9 @@ def make_teacher(cfg: DistillConfig) -> Teacher:
             if "glance_tasks" not in takes:
                 raise ConfigError(f"teacher.glance_tasks: {t.program} takes no glance_tasks")
             knobs["glance_tasks"] = list(t.glance_tasks)
-        if t.name_hits is not False:
+        if t.name_hits:
             if "name_hits" not in takes:
                 raise ConfigError(f"teacher.name_hits: {t.program} takes no name_hits")
-            if t.name_hits is not True:
-                raise ConfigError(f"teacher.name_hits: must be true or false, got {t.name_hits!r}")
             knobs["name_hits"] = True
         try:
             return _PerRecord(cls(seed=cfg.seed, **knobs))
