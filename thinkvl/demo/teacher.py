@@ -87,6 +87,12 @@ class ProgramTeacher:
         explore_rate: probability that a trace re-derives its answer another way.
         check_rate: probability that a trace ends by checking its result (an inverse computation
             or a recount); failed checks that expose a slip come with ``mistake_rate``.
+        check_form: how a final check is written. ``"inverse"`` (default): undo the steps back to
+            the input (``Check: 12 - 1 = 11. 11 - 8 = 3.``), so its last number is not the answer;
+            ``"redo"``: work the result out again so that the check's last number is the answer
+            (``Check: 2 * 4 = 8. 3 + 8 = 11. 11 + 1 = 12.``, ``Check: 4 shapes - 3 others = 1.
+            That matches.``). A tiny student boxes the number it wrote last: after an inverse check
+            it often boxed a number of the check instead of its conclusion (module docstring).
         reread_rate: probability that a worked trace reads its input a second time (:data:`REREAD`).
         glance_tasks: the tasks the teacher may glance at (default: every task with a checkable
             answer); on the others it always works the problem out, as a careful teacher does where
@@ -101,7 +107,8 @@ class ProgramTeacher:
                  explore_rate: float = 0.3, check_rate: float = 1.0, plan_rate: float = 1.0,
                  glance_rate: float = 0.0, glance_accuracy: float = 1.0, glance_decay: float = 0.0,
                  glance_rate_decay: float = 0.0, reread_rate: float = 0.0,
-                 glance_tasks: Sequence[str] | None = None, name_hits: bool = False) -> None:
+                 glance_tasks: Sequence[str] | None = None, name_hits: bool = False,
+                 check_form: str = "inverse") -> None:
         for name, rate in (("mistake_rate", mistake_rate), ("wrong_rate", wrong_rate),
                            ("explore_rate", explore_rate), ("check_rate", check_rate),
                            ("plan_rate", plan_rate), ("glance_rate", glance_rate),
@@ -123,6 +130,9 @@ class ProgramTeacher:
         if not isinstance(name_hits, bool):
             raise ValueError(f"name_hits must be true or false, got {name_hits!r}")
         self.name_hits = name_hits
+        if check_form not in CHECK_FORMS:
+            raise ValueError(f"check_form must be one of {list(CHECK_FORMS)}, got {check_form!r}")
+        self.check_form = check_form
         if glance_tasks is None:
             glance_tasks = VERIFIABLE_TASKS
         if isinstance(glance_tasks, str) or not all(isinstance(t, str) for t in glance_tasks):
@@ -162,12 +172,16 @@ class ProgramTeacher:
                 out.append(glance_trace(record, rng, right=rng.random() < self.glance_right(record)))
                 continue
             out.append(trace(record, rng, mistake=mistake, wrong=wrong, explore=explore, check=check,
-                             plan=plan, reread=reread, name_hits=self.name_hits))
+                             plan=plan, reread=reread, name_hits=self.name_hits,
+                             check_form=self.check_form))
         return out
 
 
 GLANCE = "Quick answer:"
 """How a shortcut trace starts (the whole thought is this one line)."""
+
+CHECK_FORMS = ("inverse", "redo")
+"""How a final check may be written (:class:`ProgramTeacher`'s ``check_form``)."""
 
 REREAD = "Let me read it again:"
 """How a re-reading line starts (the input once more, no new number)."""
@@ -194,7 +208,7 @@ def glance_trace(record: dict[str, Any], rng: random.Random, *, right: bool) -> 
 
 def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
           wrong: bool = False, explore: bool = False, check: bool = True, plan: bool = True,
-          reread: bool = False, name_hits: bool = False) -> str:
+          reread: bool = False, name_hits: bool = False, check_form: str = "inverse") -> str:
     """One trace for ``record`` (uses ``record["task"]`` and ``record["meta"]``).
 
     ``mistake``: a caught and repaired mistake (answer stays right). ``wrong``: an uncaught
@@ -202,7 +216,10 @@ def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
     the result checked after the conclusion. ``plan``: a ``Plan:`` line after the reading.
     ``reread``: the input read a second time (:data:`REREAD`) before the conclusion / the working.
     ``name_hits``: a counting trace names each row's matches before it counts them (``_row_count``).
+    ``check_form``: ``"inverse"`` or ``"redo"`` (:class:`ProgramTeacher`).
     """
+    if check_form not in CHECK_FORMS:
+        raise ValueError(f"check_form must be one of {list(CHECK_FORMS)}, got {check_form!r}")
     task = record["task"]
     if task not in _BUILDERS:
         raise ValueError(f"the program teacher has no template for task {task!r}")
@@ -210,7 +227,8 @@ def trace(record: dict[str, Any], rng: random.Random, *, mistake: bool = False,
     meta = record["meta"]
     if wrong:
         meta = _misread_until_wrong(misread, meta, rng, record["answer"], build, task)
-    lines, answer = build(task, meta, _Style(rng, mistake, explore, check, reread, name_hits))
+    lines, answer = build(task, meta, _Style(rng, mistake, explore, check, reread, name_hits,
+                                             check_form == "redo"))
     if not plan:
         lines = [line for line in lines if not line.startswith("Plan:")]
     final = answer if task == "describe" else f"The answer is \\boxed{{{answer}}}."
@@ -252,6 +270,7 @@ class _Style:
     check: bool = True
     reread: bool = False
     name_hits: bool = False
+    redo_check: bool = False  # check_form "redo": the check's last number is the answer
 
 
 def _misread_until_wrong(misread: Callable[[dict, random.Random], dict], meta: dict[str, Any],
@@ -424,7 +443,13 @@ def _counted_rows(objs: Sequence[dict[str, Any]], rows: int, target: _Target,
     return lines
 
 
-def _count_check(counted: int, others: int, listed: int) -> str:
+def _count_check(counted: int, others: int, listed: int, *, redo: bool = False) -> str:
+    """``Check: 1 counted + 3 others = 4. That matches.``; ``redo``: the count found again from
+    the shapes listed, so the line's last number is the count: ``Check: 4 shapes - 3 others = 1.
+    That matches.``"""
+    if redo:
+        return f"Check: {listed} {'shape' if listed == 1 else 'shapes'} - {others} others = {listed - others}. " + (
+            "That matches." if listed - others == counted else f"But I counted {counted}.")
     total = counted + others
     tail = "That matches." if total == listed else f"But I listed {listed}."
     return f"Check: {counted} counted + {others} others = {total}. {tail}"
@@ -467,7 +492,7 @@ def _shape_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
              if style.check else f"Plan: I take the last count of {target.goal} as the answer.",
              f"So {_sentence_case(count_phrase(len(hits), target.singular, target.plural))}."]
     if style.check:
-        lines.append(_count_check(len(hits), len(objs) - len(hits), len(objs)))
+        lines.append(_count_check(len(hits), len(objs) - len(hits), len(objs), redo=style.redo_check))
     if style.explore:
         lines.append(_explore_shapes(task, meta, objs, target))
     return lines, str(len(hits))
@@ -506,7 +531,8 @@ def _digit_label(item: dict[str, Any]) -> str:
 
 
 def _add_chain(values: Sequence[int], style: _Style, allow_mistake: bool) -> tuple[Lines, Lines]:
-    """Lines adding ``values`` left to right, and the inverse-chain check of those steps."""
+    """Lines adding ``values`` left to right, and the check of those steps: the inverse chain, or
+    with ``style.redo_check`` the sum again from the last digit (its last number is the sum)."""
     lines: Lines = []
     steps: list[tuple[int, str, int, int]] = []
     slip_at = style.rng.randrange(len(values) - 1) if allow_mistake else -1
@@ -519,6 +545,10 @@ def _add_chain(values: Sequence[int], style: _Style, allow_mistake: bool) -> tup
         lines.append(f"{total} + {v} = {right}.")
         steps.append((total, "+", v, right))
         total = right
+    if style.redo_check:
+        back = list(reversed(values))
+        redo = [f"{sum(back[:i + 1])} + {v} = {sum(back[:i + 2])}." for i, v in enumerate(back[1:])]
+        return lines, ["Check: " + " ".join(redo)]
     check = "Check: " + " ".join(_inverse(*s) for s in reversed(steps))
     return lines, [check]
 
@@ -572,7 +602,9 @@ def _arith_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines,
         lines.append(f"{a} {op} {b} = {c}.{rest}")
     additive = [s for s in steps if s[1] != "*"]
     checked = list(reversed(additive)) if additive else [steps[-1]]
-    if style.check:
+    if style.check and style.redo_check:
+        lines.append("Check: " + " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in steps))
+    elif style.check:
         lines.append("Check: " + " ".join(_inverse(*s) for s in checked))
     if style.explore:
         lines.append(_explore_arith(meta["operands"], meta["operators"]))
@@ -644,16 +676,20 @@ def _word_trace(task: str, meta: dict[str, Any], style: _Style) -> tuple[Lines, 
              "Plan: first I write down each change, then I work it out step by step."]
     slip_at = style.rng.randrange(len(meta["steps"])) if style.mistake else -1
     inverses: Lines = []
+    forwards: Lines = []
     for k, step in enumerate(meta["steps"]):
         lines += _word_step_lines(step, current, style, k == slip_at)
         change = word_change(step)
         new = current + change
         inverses.insert(0, _inverse(current, "+" if change >= 0 else "-", abs(change), new))
+        forwards.append(f"{current} {'+' if change >= 0 else '-'} {abs(change)} = {new}.")
         current = new
     # The conclusion right after the last step, as in the worked answers; the check after it.
     noun = meta["item"] if current == 1 else items
     lines.append(f"So {meta['name']} has {current} {noun} now.")
-    if style.check:
+    if style.check and style.redo_check:
+        lines.append("Check: " + " ".join(forwards))
+    elif style.check:
         lines.append("Check: " + " ".join(inverses) + " That is the start.")
     if style.explore:
         changes = [word_change(s) for s in meta["steps"]]

@@ -70,6 +70,9 @@ class TeacherConfig:
     # program: counting traces name each row's matches before the row's count (`Red ones: red
     # triangle. 1, so far 2.`) instead of the count alone (docs/demo.md, session 25)
     name_hits: bool = False
+    # program: how a final check is written, e.g. `inverse` (undo the steps) or `redo` (work the
+    # result out again, so the check ends on the answer); empty: the program's own default
+    check_form: str = ""
 
 
 @dataclass
@@ -113,6 +116,9 @@ class DistillConfig:
             raise ConfigError(f"teacher.glance_tasks: must be a list of task names, got {glance_tasks!r}")
         if not isinstance(self.teacher.name_hits, bool):
             raise ConfigError(f"teacher.name_hits: must be true or false, got {self.teacher.name_hits!r}")
+        if not isinstance(self.teacher.check_form, str):
+            raise ConfigError(f"teacher.check_form: must be a string such as 'inverse' or 'redo', "
+                              f"got {self.teacher.check_form!r}")
         for name in (f.name for f in fields(TeacherConfig) if f.name.endswith(("_rate", "_accuracy", "_decay"))):
             rate = getattr(self.teacher, name)
             if not 0.0 <= rate <= 1.0:
@@ -141,6 +147,10 @@ def make_teacher(cfg: DistillConfig) -> Teacher:
             if "name_hits" not in takes:
                 raise ConfigError(f"teacher.name_hits: {t.program} takes no name_hits")
             knobs["name_hits"] = True
+        if t.check_form:
+            if "check_form" not in takes:
+                raise ConfigError(f"teacher.check_form: {t.program} takes no check_form")
+            knobs["check_form"] = t.check_form
         try:
             return _PerRecord(cls(seed=cfg.seed, **knobs))
         except ValueError as e:
