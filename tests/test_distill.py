@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,20 @@ def test_teacher_program_is_an_import_path(problems, tmp_path):
     cfg.teacher.program = "thinkvl.distill.longcot:DistillConfig"  # a class without the knob
     cfg.teacher.name_hits = True
     with pytest.raises(ConfigError, match="teacher.name_hits: .* takes no name_hits"):
+        make_teacher(cfg)
+    cfg = DistillConfig(problems=str(problems), teacher=TeacherConfig(kind="program", check_form="redo",
+                                                                       check_rate=1.0))
+    (trace,) = make_teacher(cfg).sample_batch([count], 1)[0]
+    assert re.search(r"Check: \d+ shapes? - \d+ others = \d+\.", trace)  # found again, not undone
+    cfg.teacher.check_form = "twice"
+    with pytest.raises(ConfigError, match=r"teacher: check_form must be one of \['inverse', 'redo'\]"):
+        make_teacher(cfg)
+    cfg.teacher.check_form = 2
+    with pytest.raises(ConfigError, match="teacher.check_form: must be a string"):
+        cfg.check("")
+    cfg.teacher.program = "thinkvl.distill.longcot:DistillConfig"
+    cfg.teacher.check_form = "redo"
+    with pytest.raises(ConfigError, match="teacher.check_form: .* takes no check_form"):
         make_teacher(cfg)
 
 

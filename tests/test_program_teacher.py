@@ -448,3 +448,70 @@ def test_teacher_names_hits_only_when_asked() -> None:
             assert all(" ones: " in t for t in named) and not any(" ones: " in t for t in plain)
         else:
             assert named == plain
+
+
+def final_check(text: str) -> str | None:
+    """The trace's final check line (a failed check that exposes a slip has ``, not``)."""
+    checks = [line for line in text.split("\n") if line.startswith("Check:") and ", not " not in line]
+    assert len(checks) <= 1, text
+    return checks[0] if checks else None
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_redo_check_ends_on_the_answer(task: str) -> None:
+    """``check_form="redo"`` changes the final check line only (same draws, same working and answer),
+    its arithmetic is right, and its last number is the answer the trace boxes; the inverse check's
+    last number is another one (the input it undoes the steps back to)."""
+    differs = 0
+    for record in records(task, per_level=3):
+        for mistake, explore in ((False, False), (True, False), (True, True)):
+            seed = f"{record['id']}/{mistake}/{explore}"
+            inverse = trace(record, random.Random(seed), mistake=mistake, explore=explore)
+            redo = trace(record, random.Random(seed), mistake=mistake, explore=explore, check_form="redo")
+            old, new = final_check(inverse), final_check(redo)
+            assert inverse.replace(old, new) == redo
+            if task == "describe":
+                assert new == old
+                continue
+            for chain, value in EQUATION.findall(new):
+                assert eval(chain) == int(value), new  # noqa: S307 - digits and + - * only
+            answer = redo.split("\\boxed{")[1].split("}")[0]
+            assert re.findall(r"-?\d+", new)[-1] == answer, redo
+            differs += re.findall(r"-?\d+", old)[-1] != answer
+    if task != "describe":
+        assert differs > 0
+
+
+def test_redo_check_by_hand() -> None:
+    arith = {"task": "arith", "meta": {"operands": [3, 2, 4, 1], "operators": ["+", "*", "+"]}}
+    digits = {"task": "digit_sum", "meta": {"grid": [3, 3], "digits": [
+        {"digit": 3, "row": 0, "col": 0}, {"digit": 1, "row": 1, "col": 0}, {"digit": 1, "row": 1, "col": 2}]}}
+    count = {"task": "count_color", "meta": {"grid": [3, 3], "palette": ["red", "green", "blue"],
+                                             "target": {"colors": ["red"]}, "objects": [
+        {"color": "red", "shape": "circle", "row": 0, "col": 0},
+        {"color": "blue", "shape": "square", "row": 1, "col": 1},
+        {"color": "green", "shape": "triangle", "row": 2, "col": 2}]}}
+    assert final_check(trace(arith, random.Random(0), check_form="redo")) == \
+        "Check: 2 * 4 = 8. 3 + 8 = 11. 11 + 1 = 12."
+    assert final_check(trace(arith, random.Random(0))) == "Check: 12 - 1 = 11. 11 - 8 = 3."
+    assert final_check(trace(digits, random.Random(0), check_form="redo")) == "Check: 1 + 1 = 2. 2 + 3 = 5."
+    assert final_check(trace(count, random.Random(0), check_form="redo")) == \
+        "Check: 3 shapes - 2 others = 1. That matches."
+
+
+def test_check_form_reaches_the_samples_and_bad_values_raise() -> None:
+    from thinkvl.distill.longcot import DistillConfig, TeacherConfig, make_teacher
+
+    problems = records("digit_sum", per_level=2)
+    plain = ProgramTeacher(seed=3, check_rate=1.0)
+    redo = ProgramTeacher(seed=3, check_rate=1.0, check_form="redo")
+    for record in problems:
+        for a, b in zip(plain.sample(record, 3), redo.sample(record, 3)):
+            assert a.replace(final_check(a), final_check(b)) == b and final_check(a) != final_check(b)
+    with pytest.raises(ValueError, match=r"check_form must be one of \['inverse', 'redo'\], got 'twice'"):
+        ProgramTeacher(check_form="twice")
+    with pytest.raises(ValueError, match="check_form"):
+        trace(problems[0], random.Random(0), check_form="twice")
+    teacher = make_teacher(DistillConfig(problems="p.jsonl", teacher=TeacherConfig(check_form="redo")))
+    assert teacher.teacher.check_form == "redo"
+    assert make_teacher(DistillConfig(problems="p.jsonl")).teacher.check_form == "inverse"

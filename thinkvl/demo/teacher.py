@@ -5,7 +5,9 @@ show the recipe's four behaviours with fixed, short templates a tiny model can l
 
 - planning: ``Plan: I check the count of the red ones against the shapes listed, then answer.``
 - evaluation: ``Check: 2 counted + 2 others = 4. That matches.`` / ``Check: 11 - 8 = 3.`` at the
-  end (``check_rate`` of the traces), and the failed check that exposes a slip
+  end (``check_rate`` of the traces; with ``check_form="redo"`` the result worked out again so the
+  line ends on the answer: ``Check: 4 shapes - 2 others = 2. That matches.`` /
+  ``Check: 3 + 8 = 11.``), and the failed check that exposes a slip
   (``Check: 17 - 6 = 11, not 3.``) before its repair
 - reflection (a mistake caught and repaired): ``Wait, I skipped the red square in row 4.
   Let me list row 4 again: ...`` / ``Wait, the blue circle is not red. Let me count row 2 again: ...``
