@@ -449,9 +449,9 @@ def _count_check(counted: int, others: int, listed: int, *, redo: bool = False) 
     """``Check: 1 counted + 3 others = 4. That matches.``; ``redo``: the count found again from
     the shapes listed, so the line's last number is the count: ``Check: 4 shapes - 3 others = 1.
     That matches.``"""
-    if redo:
-        return f"Check: {listed} {'shape' if listed == 1 else 'shapes'} - {others} others = {listed - others}. " + (
-            "That matches." if listed - others == counted else f"But I counted {counted}.")
+    if redo:  # others = listed - counted, so the line always matches
+        shapes = "shape" if listed == 1 else "shapes"
+        return f"Check: {listed} {shapes} - {others} others = {counted}. That matches."
     total = counted + others
     tail = "That matches." if total == listed else f"But I listed {listed}."
     return f"Check: {counted} counted + {others} others = {total}. {tail}"
@@ -547,10 +547,9 @@ def _add_chain(values: Sequence[int], style: _Style, allow_mistake: bool) -> tup
         lines.append(f"{total} + {v} = {right}.")
         steps.append((total, "+", v, right))
         total = right
-    if style.redo_check:
-        back = list(reversed(values))
-        redo = [f"{sum(back[:i + 1])} + {v} = {sum(back[:i + 2])}." for i, v in enumerate(back[1:])]
-        return lines, ["Check: " + " ".join(redo)]
+    if style.redo_check:  # the exploration's chain from the last digit, as the check
+        again, _ = _add_chain(list(reversed(values)), _Style(style.rng, False, False), False)
+        return lines, ["Check: " + " ".join(again)]
     check = "Check: " + " ".join(_inverse(*s) for s in reversed(steps))
     return lines, [check]
 
